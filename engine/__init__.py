@@ -1,0 +1,1 @@
+"""PyTorch training engine: VAE, U-Net, latent-diffusion training and sampling (CPU/CUDA, DDP)."""

@@ -1,0 +1,187 @@
+"""The ``ldmkit`` command line (click).
+
+Only click is imported at module level: numpy, torch, onnx and the parts of ldmkit that need them are
+imported inside each command, so ``ldmkit --help`` stays fast and never imports torch.
+
+Error convention: every command and group built on :class:`LdmkitCommand` / :class:`LdmkitGroup`
+(the default for anything added to :func:`main` with ``@main.command()`` or ``@main.group()``) turns a
+``ValueError``, ``TypeError`` or ``OSError`` (``FileNotFoundError`` included) raised inside it into a
+one-line ``Error: ...`` on stderr and exit status 2, never a traceback. Any other exception is a bug and
+keeps its traceback, except a ``ModuleNotFoundError`` for an optional dependency (torch, onnx, ...), which
+becomes a one-line hint naming the extra to install (also exit status 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import click
+
+from ldmkit import __version__
+
+#: Exceptions that mean "bad input" (arguments, files, data), reported as one line with exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
+
+#: Exit status for bad input, the same as click's own usage errors.
+USER_ERROR_EXIT = 2
+
+#: Optional dependencies and the extra that installs each; a command that needs a missing one fails
+#: with a one-line hint (exit status 2) instead of a ModuleNotFoundError traceback.
+OPTIONAL_DEPENDENCIES: dict[str, str] = {
+    "torch": "engine",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+}
+
+
+class CommandError(click.ClickException):
+    """A user-facing error: click prints ``Error: <message>`` on stderr and exits with status 2."""
+
+    exit_code = USER_ERROR_EXIT
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as a single line (its class name when the message is empty)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> CommandError | None:
+    top = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_DEPENDENCIES.get(top)
+    if extra is None:
+        return None
+    return CommandError(f"this command needs {top}, which is not installed: pip install 'ldmkit[{extra}]'")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn bad-input exceptions raised in the block into :class:`CommandError` (the convention above)."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except USER_ERRORS as exc:
+        raise CommandError(one_line(exc)) from exc
+    except ModuleNotFoundError as exc:
+        error = _missing_extra(exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _reraise_user_errors(invoke):
+    @functools.wraps(invoke)
+    def wrapper(self, ctx):
+        with user_errors():
+            return invoke(self, ctx)
+
+    return wrapper
+
+
+class LdmkitCommand(click.Command):
+    """A click command that applies the ldmkit error convention (see the module docstring)."""
+
+    invoke = _reraise_user_errors(click.Command.invoke)
+
+
+class LdmkitGroup(click.Group):
+    """A click group whose own callback and every subcommand/subgroup follow the ldmkit error convention."""
+
+    command_class = LdmkitCommand
+    group_class = type  # subgroups made with @group.group() are LdmkitGroup too
+
+    invoke = _reraise_user_errors(click.Group.invoke)
+
+
+def handle_errors(func):
+    """Decorator form of the convention, for a callback used outside an Ldmkit command class."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with user_errors():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=LdmkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="ldmkit", message="%(prog)s %(version)s")
+def main() -> None:
+    """ldmkit: a latent-diffusion reference toolkit.
+
+    NumPy reference formulas (ldmkit.reference), a PyTorch training engine (ldmkit.engine) and an ONNX
+    export with a NumPy + ONNX Runtime sampler (ldmkit.export).
+    """
+
+
+# --------------------------------------------------------------------------------------------- golden
+
+
+def default_golden_dir() -> Path:
+    """The directory of the installed ``ldmkit.golden`` package (the source ``golden/`` in editable mode)."""
+    from importlib.resources import files
+
+    res = files("ldmkit.golden")
+    path = Path(str(res))
+    if not path.is_dir():  # e.g. a zipped install, where the package has no real directory
+        raise FileNotFoundError(f"the ldmkit.golden package has no directory on disk ({res!r}); pass --dir")
+    return path
+
+
+_DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of golden files. Default: the installed ldmkit.golden package directory.",
+)
+
+
+@main.group()
+def golden() -> None:
+    """Golden files: expected outputs of the reference for fixed seeds."""
+
+
+@golden.command("check")
+@_DIR_OPTION
+def golden_check(directory: Path | None) -> None:
+    """Recompute every golden file with the reference and compare (exit 1 on any mismatch)."""
+    directory = directory if directory is not None else default_golden_dir()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"golden directory not found: {directory}")
+    from ldmkit.reference import golden as golden_ref
+
+    problems = list(golden_ref.check(directory))
+    cases = sorted(p.name for p in directory.glob("*.npz"))
+    for name in cases:
+        bad = any(name in problem for problem in problems)
+        click.echo(f"{'FAIL' if bad else 'ok  '}  {name}")
+    if problems:
+        for problem in problems:
+            click.echo(f"problem: {problem}", err=True)
+        click.echo(f"golden check: {len(problems)} problem(s) in {directory}", err=True)
+        click.get_current_context().exit(1)
+    click.echo(f"golden check: {len(cases)} files OK")
+
+
+@golden.command("regen")
+@_DIR_OPTION
+def golden_regen(directory: Path | None) -> None:
+    """Regenerate the golden files (and manifest.json) from the current reference."""
+    directory = directory if directory is not None else default_golden_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    from ldmkit.reference import golden as golden_ref
+
+    written = list(golden_ref.regen(directory))
+    for name in written:
+        click.echo(f"wrote {name}")
+    click.echo(f"golden regen: {len(written)} files written to {directory}")
+
+
+# ------------------------------------------------------------------------------------ later commands
+# train / sample / export / eval are added here (or registered from their own modules) by the engine
+# and export work; import torch/onnx inside the command functions only.
