@@ -114,7 +114,7 @@ def sampler_law(name: str, data: GaussianData, schedule: Schedule, num_steps: in
     runs = {
         "ddpm": lambda x, z: samplers.ddpm_sample(model, x, respace(schedule, ts), "beta_tilde", noise=z),
         "ddpm_beta": lambda x, z: samplers.ddpm_sample(model, x, respace(schedule, ts), "beta", noise=z),
-        "ddim": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=0.0, noise=z),
+        "ddim": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=0.0),
         "ddim_eta0.5": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=0.5, noise=z),
         "ddim_eta1": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=1.0, noise=z),
         "heun": lambda x, z: samplers.heun_sample(model, x, schedule, ts),
