@@ -94,7 +94,8 @@ class GaussianMixtureData:
         m = as_float_array(self.means, "means")
         v = as_float_array(self.vars, "vars").reshape(-1)
         if m.ndim != 2 or m.shape[0] != w.shape[0] or v.shape != w.shape:
-            raise ValueError(f"weights (K,), means (K, d) and vars (K,) must agree, got {w.shape}, {m.shape}, {v.shape}")
+            raise ValueError(f"weights (K,), means (K, d) and vars (K,) must agree, "
+                             f"got {w.shape}, {m.shape}, {v.shape}")
         if np.any(w < 0) or not np.isclose(w.sum(), 1.0) or np.any(v < 0):
             raise ValueError("weights must be non-negative and sum to 1; vars must be >= 0")
         object.__setattr__(self, "weights", w)
@@ -115,7 +116,9 @@ class GaussianMixtureData:
         """Per-component noisy variance (…, K, 1) and log w_k N(x_t; a m_k, v_k I) (…, K)."""
         x = self._x(x)
         a, sigma = _level(a, x, "a"), _level(sigma, x, "sigma")
-        a_k, s_k = a[..., None, :], sigma[..., None, :]
+        # scalar levels broadcast as they are; per-example levels (B, 1) gain the component axis
+        a_k = a[..., None, :] if a.ndim else a
+        s_k = sigma[..., None, :] if sigma.ndim else sigma
         v = a_k**2 * self.vars[:, None] + s_k**2
         diff = x[..., None, :] - a_k * self.means
         logp = np.log(self.weights) - 0.5 * np.sum(np.log(2 * np.pi * v) + diff**2 / v, axis=-1)
@@ -136,9 +139,12 @@ class GaussianMixtureData:
         return np.sum(r[..., None] * (-diff / v), axis=-2)
 
     def x0_mean(self, x, a, sigma):
-        """X2: E[x_0 given x_t] = (x_t + σ²·score)/a (Tweedie)."""
-        x = self._x(x)
-        return (x + _level(sigma, x, "sigma") ** 2 * self.score(x, a, sigma)) / _level(a, x, "a")
+        """X2: E[x_0 given x_t] = Σ_k r_k·(m_k + a s_k²/(a² s_k² + σ²)·(x_t − a m_k)), which equals Tweedie's
+        (x_t + σ²·score)/a but stays finite at a = 0 (pure noise: ᾱ_T = 0), where it is Σ_k w_k m_k."""
+        x, a_k, _, v, diff, logp = self._component_terms(x, a, sigma)
+        r = np.exp(logp - logp.max(axis=-1, keepdims=True))
+        r /= r.sum(axis=-1, keepdims=True)
+        return np.sum(r[..., None] * (self.means + a_k * self.vars[:, None] / v * diff), axis=-2)
 
     def eps(self, x, a, sigma):
         """X2: the optimal ε* = −σ·score."""

@@ -46,8 +46,8 @@ def gaussian_kl_full(mu1, cov1, mu2, cov2) -> float:
     if mu1.ndim != 1 or mu2.shape != mu1.shape:
         raise ValueError(f"mu1 and mu2 must both have shape (d,), got {mu1.shape} and {mu2.shape}")
     d = mu1.shape[0]
-    c1, l1 = _check_cov(cov1, d, "cov1")
-    c2, l2 = _check_cov(cov2, d, "cov2")
+    _, l1 = _check_cov(cov1, d, "cov1")
+    _, l2 = _check_cov(cov2, d, "cov2")
     a = np.linalg.solve(l2, l1)
     diff = np.linalg.solve(l2, mu2 - mu1)
     logdet = 2.0 * (np.sum(np.log(np.diag(l2))) - np.sum(np.log(np.diag(l1))))
@@ -79,7 +79,8 @@ def _normal_cdf_diff(lo, hi):
     upper = lo > 0  # both in the upper tail: use survival functions
     a = np.where(upper, lo, -hi) * s
     b = np.where(upper, hi, -lo) * s
-    return 0.5 * (_erfc(a).astype(np.float64) - _erfc(b).astype(np.float64))
+    # np.asarray: a ufunc from frompyfunc returns a bare Python float (no .astype) for 0-d input
+    return 0.5 * (np.asarray(_erfc(a), dtype=np.float64) - np.asarray(_erfc(b), dtype=np.float64))
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale, levels: int = 256):

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._checks import (as_float_array, broadcast_t, check_real, check_same_shape, check_t_batch,
-                      check_timesteps, prediction_name)
+from ._checks import (
+    as_float_array,
+    broadcast_t,
+    check_real,
+    check_same_shape,
+    check_t_batch,
+    check_timesteps,
+    prediction_name,
+)
 from .schedules import Schedule
 
 
@@ -100,7 +107,8 @@ def x0_from_eps(x_t, t, eps, schedule: Schedule):
     """P3: x_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t; t in 1..T (ᾱ_t > 0 required)."""
     x_t, t, eps = _prep(x_t, t, eps, schedule, "eps")
     if np.any(schedule.alpha_bars[t] == 0):
-        raise ValueError("x0_from_eps needs alpha_bar[t] > 0; a zero-terminal-SNR schedule needs v- or x0-prediction")
+        raise ValueError("x0_from_eps needs alpha_bar[t] > 0; "
+                         "a zero-terminal-SNR schedule needs v- or x0-prediction")
     nd = x_t.ndim
     return _tab(schedule, "sqrt_recip_alpha_bars", t, nd) * x_t - _tab(schedule, "sqrt_recipm1_alpha_bars", t, nd) * eps
 
@@ -159,7 +167,8 @@ def mean_from_eps(x_t, t, eps, schedule: Schedule):
     x_t, t, eps = _prep(x_t, t, eps, schedule, "eps")
     nd = x_t.ndim
     b = _tab(schedule, "betas", t, nd)
-    return (x_t - b / _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd) * eps) / np.sqrt(_tab(schedule, "alphas", t, nd))
+    eps_coef = b / _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd)
+    return (x_t - eps_coef * eps) / np.sqrt(_tab(schedule, "alphas", t, nd))
 
 
 def x0_eps_from_output(model_output, x_t, t, schedule: Schedule, prediction: str = "eps", clip=None):

@@ -109,7 +109,7 @@ class Schedule:
         return self.betas.shape[0] - 1
 
     @classmethod
-    def from_betas(cls, betas, timestep_map=None) -> "Schedule":
+    def from_betas(cls, betas, timestep_map=None) -> Schedule:
         """Schedule from the T noisy betas β_1..β_T (shape (T,)); β_T = 1 (zero terminal SNR) is allowed."""
         b = _check_betas(betas, allow_last_one=True)
         full = np.concatenate([[0.0], b])
@@ -124,7 +124,7 @@ class Schedule:
         return cls(betas=full, timestep_map=tmap)
 
     @classmethod
-    def named(cls, name: str, T: int = 1000) -> "Schedule":
+    def named(cls, name: str, T: int = 1000) -> Schedule:
         """A named schedule: 'linear' (S1), 'linear_ldm' (S2), 'cosine' (S3), 'scaled_linear' (S5), 'su' (S4)."""
         makers = {"linear": linear_betas, "linear_ldm": lambda n: linear_betas(n, 0.001, 0.02),
                   "cosine": cosine_betas, "scaled_linear": scaled_linear_betas, "su": su_betas}

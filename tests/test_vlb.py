@@ -420,7 +420,7 @@ def test_L1_L6_vlb_bad_arguments():
         losses.vlb_terms(model, x0 + 0.001, s, noise)
     with pytest.raises(ValueError, match=r"x0 must lie in \[-1, 1\]"):
         losses.vlb_terms(model, x0 - 2, s, noise)
-    with pytest.raises(ValueError, match="levels must be in >= 2, got 1"):
+    with pytest.raises(ValueError, match="levels must be >= 2, got 1"):
         losses.vlb_terms(model, x0, s, noise, levels=1)
     with pytest.raises(ValueError, match="variance must be one of"):
         losses.vlb_terms(model, x0, s, noise, variance="large")
