@@ -13,6 +13,8 @@ exactly as in ``ldmkit.reference.samplers``, so both run step for step on the sa
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -58,7 +60,8 @@ def _noise(noise, shape, like: torch.Tensor, name: str = "noise") -> torch.Tenso
     if isinstance(noise, torch.Generator):
         return torch.randn(shape, generator=noise, device=like.device, dtype=like.dtype)
     if not isinstance(noise, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor of shape {tuple(shape)} or a torch.Generator, got {type(noise).__name__}")
+        raise TypeError(f"{name} must be a tensor of shape {tuple(shape)} or a torch.Generator, "
+                        f"got {type(noise).__name__}")
     if tuple(noise.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(noise.shape)}")
     return noise.to(device=like.device, dtype=like.dtype)
@@ -158,7 +161,7 @@ def _call(model, x, t: int, schedule: Schedule, y):
 
 def _steps(timesteps, schedule: Schedule) -> list[int]:
     ts = [int(v) for v in np.asarray(timesteps).reshape(-1)]
-    if not ts or any(not 1 <= v <= schedule.T for v in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+    if not ts or any(not 1 <= v <= schedule.T for v in ts) or any(a <= b for a, b in itertools.pairwise(ts)):
         raise ValueError(f"timesteps must be a non-empty, strictly descending list of math t in 1..{schedule.T}")
     return ts
 
@@ -204,7 +207,7 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
     """A2 loop (mirrors reference.samplers.ddim_sample): timesteps[i] → timesteps[i+1], the last to 0."""
     ts = _steps(timesteps, schedule)
     x, traj = x_T, _Trajectory(x_T, return_trajectory)
-    for i, (t, t_prev) in enumerate(zip(ts, ts[1:] + [0])):
+    for i, (t, t_prev) in enumerate(zip(ts, [*ts[1:], 0], strict=True)):
         out = _call(model, x, t, schedule, y)
         z = _slot(noise, i, len(ts), x) if eta > 0 and t_prev > 0 else None
         x = ddim_step(out, x, t, t_prev, schedule, eta, z, prediction, clip)
@@ -223,7 +226,7 @@ def heun_sample(model, x_T, schedule: Schedule, timesteps, prediction: str = "ep
         raise ValueError("the first timestep has alpha_bar = 0 (sigma = inf): start below T or use ddim")
     traj = _Trajectory(x_T, return_trajectory)
     xt = x_T / float(root[ts[0]])
-    for t, t_next in zip(ts, ts[1:] + [0]):
+    for t, t_next in zip(ts, [*ts[1:], 0], strict=True):
         _, d = x0_eps_from_output(_call(model, xt * float(root[t]), t, schedule, y), xt * float(root[t]), t, schedule,
                                   prediction, clip)
         h = float(sig[t_next] - sig[t])
@@ -247,7 +250,7 @@ def dpmpp_2m_sample(model, x_T, schedule: Schedule, timesteps, prediction: str =
     lam, s, a = 0.5 * schedule.log_snr, schedule.sqrt_one_minus_alpha_bars, schedule.sqrt_alpha_bars
     x, traj = x_T, _Trajectory(x_T, return_trajectory)
     old_x0, h_last = None, None
-    for t, t_next in zip(ts, ts[1:] + [0]):
+    for t, t_next in zip(ts, [*ts[1:], 0], strict=True):
         x0, _ = x0_eps_from_output(_call(model, x, t, schedule, y), x, t, schedule, prediction, clip)
         if t_next == 0:
             x = x0

@@ -81,7 +81,7 @@ def ddim_family_law(data: GaussianData, schedule: Schedule, timesteps, eta: floa
             mu, v = A * mu + B, A**2 * v + var
         return mu, v
     prev = np.concatenate([ts[1:], [0]])
-    for t, p in zip(ts, prev):
+    for t, p in zip(ts, prev, strict=True):
         ab, abp = schedule.alpha_bars[t], schedule.alpha_bars[p]
         a, sig, ap = np.sqrt(ab), np.sqrt(1 - ab), np.sqrt(abp)
         sig_eta2 = 0.0 if p == 0 else eta**2 * (1 - abp) / (1 - ab) * (1 - ab / abp)

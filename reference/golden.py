@@ -87,8 +87,7 @@ def case_kl() -> dict:
     a, b = rng.standard_normal((3, 3)), rng.standard_normal((3, 3))
     c1, c2 = a @ a.T + np.eye(3), b @ b.T + 0.5 * np.eye(3)
     mu1, mu2 = rng.standard_normal(3), rng.standard_normal(3)
-    x = np.round(rng.uniform(-1, 1, (4, 6)) * 127.5) / 127.5
-    x = np.round((x + 1) * 127.5) / 127.5 - 1
+    x = rng.integers(0, 256, (4, 6)) / 127.5 - 1  # on the 256-level grid of K5
     p, q = rng.dirichlet(np.ones(7), size=3), rng.dirichlet(np.ones(7), size=3)
     return {
         "in/m1": m1, "in/m2": m2, "in/lv1": lv1, "in/lv2": lv2, "in/cov1": c1, "in/cov2": c2, "in/mu1": mu1,
@@ -97,7 +96,8 @@ def case_kl() -> dict:
         "out/gaussian_kl_full": np.array(kl.gaussian_kl_full(mu1, c1, mu2, c2)),
         "out/vae_kl": kl.vae_kl(m1, lv1), "out/gaussian_log_likelihood": kl.gaussian_log_likelihood(m2, m1, lv1),
         "out/discretized_gaussian_log_likelihood": kl.discretized_gaussian_log_likelihood(x, 0.5 * m1, 0.5 * lv1 - 1),
-        "out/entropy": kl.entropy(p), "out/cross_entropy": kl.cross_entropy(p, q), "out/kl_discrete": kl.kl_discrete(p, q),
+        "out/entropy": kl.entropy(p), "out/cross_entropy": kl.cross_entropy(p, q),
+        "out/kl_discrete": kl.kl_discrete(p, q),
     }
 
 
@@ -261,5 +261,6 @@ def check(directory) -> list[str]:
         if _sha256(path) != entries[fname]["sha256"]:
             problems.append(f"{fname}: sha256 differs from manifest.json (file changed)")
         problems += [f"{fname}: {p}" for p in compare(load(directory, name), fn())]
-    problems += [f"{f}: listed in manifest.json but no such case" for f in sorted(set(entries) - {f"{n}.npz" for n in CASES})]
+    unknown = sorted(set(entries) - {f"{n}.npz" for n in CASES})
+    problems += [f"{f}: listed in manifest.json but no such case" for f in unknown]
     return problems

@@ -6,8 +6,6 @@ a sample z_0 of the reverse process is decoded as Decoder(z_0 · std(z)). Latent
 
 from __future__ import annotations
 
-import numpy as np
-
 from ._checks import as_float_array, check_real
 
 
