@@ -182,6 +182,96 @@ def golden_regen(directory: Path | None) -> None:
     click.echo(f"golden regen: {len(written)} files written to {directory}")
 
 
-# ------------------------------------------------------------------------------------ later commands
-# train / sample / export / eval are added here (or registered from their own modules) by the engine
-# and export work; import torch/onnx inside the command functions only.
+# ------------------------------------------------------------------------------------------- train
+
+
+@main.command()
+@click.option("--data", default=None,
+              help="'mnist' (the built-in 8,000 digits, the default), an IDX/.npz/.npy file, or a folder of images.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (checkpoint.pt, metrics.jsonl, samples/). Default: runs/PRESET.")
+@click.option("--preset", default="demo", show_default=True, help="demo (2-core CPU, <= 10 min), small, base.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A config.json (as a run writes) instead of a preset.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--vae-steps", type=click.IntRange(min=0), default=None, help="Override the preset.")
+@click.option("--unet-steps", type=click.IntRange(min=0), default=None, help="Override the preset.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="U-Net global batch (override).")
+@click.option("--seed", type=int, default=None, help="Override the preset's seed.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None, help="bf16 autocast (CUDA only).")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the U-Net.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps, batch_size, seed, precision, compile_,
+          quiet):
+    """Train the VAE and the latent U-Net; writes OUT/checkpoint.pt. Under torchrun it uses DDP."""
+    import time
+
+    from ldmkit.engine import config as cfg
+    from ldmkit.engine.train import TrainingDiverged
+    from ldmkit.engine.train import train as run_training
+
+    if config_file is not None:
+        import json
+
+        try:
+            config = cfg.Config.from_dict(json.loads(config_file.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_file} is not a JSON config: {exc}") from exc
+    else:
+        config = cfg.preset(preset)
+    if data is not None or config_file is None:
+        config.data = {"spec": data or "mnist"}
+    overrides = {"vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "seed": seed,
+                 "precision": precision, "compile": compile_}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config.train, key, value)
+    config.train.__post_init__()
+    out = out if out is not None else Path("runs") / preset
+    start = time.perf_counter()
+    try:
+        path = run_training(config, out, device=device, resume=resume, progress=not quiet)
+    except TrainingDiverged as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"trained in {time.perf_counter() - start:.0f} s: {path}")
+
+
+# ------------------------------------------------------------------------------------------ sample
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--sampler", default="ddim", show_default=True, help="ddim, ddpm, heun or dpmpp2m.")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM's eta (0: deterministic).")
+@click.option("--class", "class_id", type=int, default=None, help="Class id (default: all classes in turn).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance w (default 3 if conditional).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="grid.png (a grid) or images.npy (float32 (N, C, H, W) in [0, 1]).")
+def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, output):
+    """Sample images from CHECKPOINT (a checkpoint.pt)."""
+    from ldmkit.images import check_output_path, write_images
+
+    check_output_path(output)
+    if source.is_dir():
+        raise ValueError(f"{source} is a folder; pass a checkpoint.pt")
+    import torch
+
+    from ldmkit.engine.checkpoint import load_checkpoint
+    from ldmkit.engine.sample import generate, models_from_checkpoint, resolve_labels
+    from ldmkit.engine.train import resolve_device
+
+    dev = resolve_device(device)
+    config, vae, unet = models_from_checkpoint(load_checkpoint(source), dev)
+    labels = resolve_labels(config, n, class_id)
+    if guidance is None and labels is not None:
+        guidance = 3.0
+    with torch.inference_mode():
+        images = generate(config, vae, unet, n, labels, sampler, steps, eta, guidance, seed)
+    nrow = config.unet.num_classes if labels is not None and class_id is None else 8
+    write_images(output, images, nrow=nrow)
+    click.echo(f"wrote {n} images to {output}")

@@ -1,0 +1,179 @@
+"""Training: resume gives the parameters of an uninterrupted run, 2-process DDP (gloo) gives those of one
+process with the same global batch, a NaN loss stops training and leaves the last checkpoint as it was,
+and bad input is refused with one line and exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from ldmkit.cli import main  # noqa: E402
+from ldmkit.engine import train as T  # noqa: E402
+from ldmkit.engine.checkpoint import load_checkpoint  # noqa: E402
+from ldmkit.engine.config import Config, DiffusionConfig, TrainConfig, UNetConfig, VAEConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """256 built-in digits with labels, as an .npz (a small dataset keeps these tests fast)."""
+    with np.load(ROOT / "ldmkit" / "data" / "mnist8k.npz") as f:
+        images, labels = f["images"][:256], f["labels"][:256]
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def tiny_config(data, **train) -> Config:
+    defaults = dict(vae_steps=4, vae_batch_size=16, unet_steps=6, batch_size=16, checkpoint_every=2, log_every=1,
+                    warmup_steps=3, lr=1e-3, vae_lr=1e-3)
+    return Config(data={"spec": str(data)},
+                  vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4),
+                  unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
+                                  num_heads=2, num_classes=10, groups=4),
+                  diffusion=DiffusionConfig(T=50), train=TrainConfig(**{**defaults, **train}))
+
+
+def params(path):
+    ckpt = load_checkpoint(path)
+    return {f"{part}.{k}": v for part in ("vae", "unet", "ema") for k, v in ckpt[part].items()}
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("stop_after", [3, 7])  # inside the VAE stage, and inside the U-Net stage
+def test_resume_gives_the_uninterrupted_parameters(digits, tmp_path, stop_after):
+    """A run stopped after `stop_after` steps (checkpoints every 2) and resumed ends bit-identical to an
+    uninterrupted run with the same seed, EMA and optimizer state included."""
+    full = T.train(tiny_config(digits), tmp_path / "full", device="cpu", progress=False)
+    T.train(tiny_config(digits), tmp_path / "cut", device="cpu", progress=False, stop_after=stop_after)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == stop_after - stop_after % 2
+    resumed = T.train(tiny_config(digits), tmp_path / "cut", device="cpu", progress=False, resume=True)
+    assert_same(params(full), params(resumed))
+    lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 11)) and {r["stage"] for r in lines} == {"vae", "unet"}
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    T.train(tiny_config(digits), out, device="cpu", progress=False, stop_after=6)
+    before = (out / "checkpoint.pt").read_bytes()
+    original = T.D.mse_per_example
+    monkeypatch.setattr(T.D, "mse_per_example", lambda p, t: original(p, t) * float("nan"))
+    with pytest.raises(T.TrainingDiverged, match="U-Net loss became nan at step 6.*untouched"):
+        T.train(tiny_config(digits), out, device="cpu", progress=False, resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process(digits, tmp_path):
+    """torchrun with 2 CPU processes (gloo), per-process batch 8, against 1 process with batch 16: the
+    same parameters after 4 VAE and 6 U-Net steps, to float32 tolerance (all-reduce sums in another order)."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config(digits, checkpoint_every=0).to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    base = ["-m", "ldmkit", "train", "--config", str(cfg), "--device", "cpu", "--quiet"]
+    one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *base, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same(params(tmp_path / "one" / "checkpoint.pt"), params(tmp_path / "two" / "checkpoint.pt"), atol=2e-5)
+
+
+def test_cli_train_and_sample(digits, tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config(digits).to_dict()))
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "--config", str(cfg), "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (out / "checkpoint.pt").is_file() and (out / "config.json").is_file()
+    ckpt = str(out / "checkpoint.pt")
+    result = runner.invoke(main, ["sample", ckpt, "-n", "10", "--steps", "3", "-o", str(tmp_path / "g.npy")])
+    assert result.exit_code == 0, result.output
+    images = np.load(tmp_path / "g.npy")
+    assert images.shape == (10, 1, 32, 32) and images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+    for sampler in ("ddpm", "heun", "dpmpp2m"):
+        result = runner.invoke(main, ["sample", ckpt, "-n", "3", "--steps", "3", "--sampler", sampler, "--class", "4",
+                                      "-o", str(tmp_path / f"{sampler}.png")])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / f"{sampler}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same seed gives the same images.
+    runner.invoke(main, ["sample", ckpt, "-n", "10", "--steps", "3", "-o", str(tmp_path / "h.npy")])
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), images)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--class", "10"], "class id must be in 0..9"),
+    (["--class", "-1"], "class id must be in 0..9"),
+    (["--steps", "51"], "steps must be in 1..50"),
+    (["--sampler", "euler_a"], "sampler must be one of"),
+    (["--eta", "-0.5"], "eta must be >= 0"),
+    (["--eta", "0.5", "--sampler", "heun"], "eta applies to the ddim sampler only"),
+    (["--guidance", "-1"], "guidance must be >= 0"),
+])
+def test_cli_sample_bad_arguments(digits, tmp_path, args, message):
+    out = tmp_path / "run"
+    T.train(tiny_config(digits, unet_steps=1, vae_steps=1), out, device="cpu", progress=False)
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(out / "checkpoint.pt"), "-o", str(grid), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not grid.exists()
+
+
+def test_cli_train_bad_input(digits, tmp_path):
+    runner = CliRunner()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(tiny_config(digits, unet_steps=1, vae_steps=1).to_dict()))
+    out = tmp_path / "run"
+    assert runner.invoke(main, ["train", "--config", str(cfg), "--out", str(out), "--quiet"]).exit_code == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    result = runner.invoke(main, ["train", "--config", str(cfg), "--out", str(out), "--quiet"])
+    assert result.exit_code == 2 and "pass --resume" in result.output
+    assert (out / "checkpoint.pt").read_bytes() == before
+    result = runner.invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "new"), "--resume"])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((10, 5), dtype=np.float32))
+    result = runner.invoke(main, ["train", "--config", str(cfg), "--data", str(bad), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and str(bad) in result.output
+    result = runner.invoke(main, ["train", "--preset", "huge", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "preset must be one of" in result.output
+    (tmp_path / "notjson.json").write_text("{")
+    result = runner.invoke(main, ["train", "--config", str(tmp_path / "notjson.json"), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "not a JSON config" in result.output
+
+
+def test_sample_from_bad_checkpoints(tmp_path):
+    runner = CliRunner()
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": torch.zeros(2)}, foreign)
+    for path, message in ((png, "is not an ldmkit checkpoint"), (foreign, "is not an ldmkit checkpoint"),
+                          (tmp_path / "missing.pt", "does not exist"), (tmp_path, "is a folder")):
+        result = runner.invoke(main, ["sample", str(path), "-o", str(tmp_path / "out.png")])
+        assert result.exit_code == 2, (path, result.output)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(main, ["sample", str(foreign), "-o", str(tmp_path / "no" / "out.png")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(main, ["sample", str(foreign), "-o", str(tmp_path / "out.jpg")])
+    assert result.exit_code == 2 and ".png" in result.output
