@@ -275,3 +275,40 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, out
     nrow = config.unet.num_classes if labels is not None and class_id is None else 8
     write_images(output, images, nrow=nrow)
     click.echo(f"wrote {n} images to {output}")
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--nll-images", type=click.IntRange(min=0), default=100, show_default=True,
+              help="Test images for the NLL bound (T U-Net calls per batch of 100; 0 skips it).")
+@click.option("--per-class", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Samples per class for the sample statistics (0 skips them).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write (default: eval.json beside the checkpoint).")
+def evaluate(checkpoint, nll_images, per_class, seed, device, output):
+    """Test NLL (bits/dim, through the reference VLB), VAE reconstruction and sample statistics."""
+    import json
+
+    import torch
+
+    from ldmkit.engine.checkpoint import load_checkpoint
+    from ldmkit.engine.evaluate import evaluate as run_eval
+    from ldmkit.engine.train import resolve_device
+
+    output = output if output is not None else checkpoint.with_name("eval.json")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output folder {output.parent} does not exist")
+    ckpt = load_checkpoint(checkpoint)
+    with torch.inference_mode():
+        result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed)
+    for key, value in result.items():
+        click.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(output)
+    click.echo(f"wrote {output}")

@@ -120,6 +120,12 @@ def test_cli_train_and_sample(digits, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), images)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    return T.train(tiny_config(digits, unet_steps=1, vae_steps=1), out, device="cpu", progress=False)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--class", "10"], "class id must be in 0..9"),
     (["--class", "-1"], "class id must be in 0..9"),
@@ -129,11 +135,9 @@ def test_cli_train_and_sample(digits, tmp_path):
     (["--eta", "0.5", "--sampler", "heun"], "eta applies to the ddim sampler only"),
     (["--guidance", "-1"], "guidance must be >= 0"),
 ])
-def test_cli_sample_bad_arguments(digits, tmp_path, args, message):
-    out = tmp_path / "run"
-    T.train(tiny_config(digits, unet_steps=1, vae_steps=1), out, device="cpu", progress=False)
+def test_cli_sample_bad_arguments(tiny_checkpoint, tmp_path, args, message):
     grid = tmp_path / "grid.png"
-    result = CliRunner().invoke(main, ["sample", str(out / "checkpoint.pt"), "-o", str(grid), *args])
+    result = CliRunner().invoke(main, ["sample", str(tiny_checkpoint), "-o", str(grid), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not grid.exists()
@@ -177,3 +181,18 @@ def test_sample_from_bad_checkpoints(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(main, ["sample", str(foreign), "-o", str(tmp_path / "out.jpg")])
     assert result.exit_code == 2 and ".png" in result.output
+
+
+def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--nll-images", "3", "--per-class", "2",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["nll_images"] == 3 and report["nll_dims"] == 32 * 32
+    parts = report["decoder_nats"] + report["posterior_nats"] + report["prior_nats"]
+    assert report["nll_bits_per_dim"] == pytest.approx(parts / (1024 * np.log(2)), rel=1e-9)
+    assert report["recon_psnr_db"] == pytest.approx(10 * np.log10(1 / report["recon_mse"]))
+    assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2 and "does not exist" in result.output
