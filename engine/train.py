@@ -1,5 +1,5 @@
-"""Training: stage 1 the VAE (L9), stage 2 the class-conditional latent U-Net (L4/L5 with V1 scaling and
-label dropout for classifier-free guidance), on one process or many (torchrun → DDP).
+"""Training: stage 1 the VAE (L9), stage 2 the class-conditional latent U-Net (L4/L5 with V1 scaling,
+label dropout for classifier-free guidance, warm-up then cosine learning-rate decay), on one process or many (torchrun → DDP).
 
 Determinism and resume. Every random draw of step s is made from a CPU generator seeded by (seed, stage,
 s), for the whole global batch, and each rank takes its own rows; the batch indices come from a
@@ -141,6 +141,15 @@ def encode_latents(vae: VAE, images: torch.Tensor, device, batch_size: int = 500
         means.append(m.float().cpu())
         logvars.append(lv.float().cpu())
     return torch.cat(means), torch.cat(logvars)
+
+
+def unet_lr(s: int, tc) -> float:
+    """The U-Net's learning rate at stage-2 step s: linear warm-up over ``warmup_steps``, then cosine decay
+    to 0 at ``unet_steps`` — a function of the step alone, so a resumed run follows it exactly."""
+    if s < tc.warmup_steps:
+        return tc.lr * (s + 1) / tc.warmup_steps
+    span = max(tc.unet_steps - tc.warmup_steps, 1)
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup_steps) / span))
 
 
 def _all_mean(value: torch.Tensor, run: Run) -> float:
@@ -326,8 +335,8 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         y = None
         if null:
             y = torch.where(drop, torch.full_like(labels[idx], null), labels[idx]).to(run.device)
-        for group in opt.param_groups:  # linear warm-up, then constant: a function of the step alone
-            group["lr"] = tc.lr * min(1.0, (s + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
+        for group in opt.param_groups:
+            group["lr"] = unet_lr(s, tc)
         x_t = D.q_sample(z0, t, eps, schedule)
         with autocast:
             pred = compiled(x_t, t, y)
