@@ -34,6 +34,7 @@ OPTIONAL_DEPENDENCIES: dict[str, str] = {
     "onnx": "export",
     "onnxscript": "export",
     "onnxruntime": "export",
+    "PIL": "images",
 }
 
 
@@ -253,12 +254,18 @@ def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps,
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="grid.png (a grid) or images.npy (float32 (N, C, H, W) in [0, 1]).")
 def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, output):
-    """Sample images from CHECKPOINT (a checkpoint.pt)."""
+    """Sample images from SOURCE, a checkpoint.pt or an ONNX folder.
+
+    A checkpoint samples with the torch engine; a folder written by `ldmkit export onnx` with NumPy and ONNX
+    Runtime only (--device picks the provider; a seed draws other noise there than in the engine)."""
     from ldmkit.images import check_output_path, write_images
 
     check_output_path(output)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (pass a checkpoint.pt or an ONNX artifact folder)")
     if source.is_dir():
-        raise ValueError(f"{source} is a folder; pass a checkpoint.pt")
+        _sample_onnx(source, n, steps, sampler, eta, class_id, guidance, seed, device, output)
+        return
     import torch
 
     from ldmkit.engine.checkpoint import load_checkpoint
@@ -275,6 +282,43 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, out
     nrow = config.unet.num_classes if labels is not None and class_id is None else 8
     write_images(output, images, nrow=nrow)
     click.echo(f"wrote {n} images to {output}")
+
+
+def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, device, output):
+    """`ldmkit sample DIR`: the torch-free runtime (ldmkit.export.runtime) on an exported artifact."""
+    from ldmkit.export.runtime import OnnxSampler
+    from ldmkit.images import write_images
+
+    runner = OnnxSampler(folder, provider=device)
+    k = runner.num_classes
+    if guidance is None and k:
+        guidance = runner.model["defaults"]["guidance"]
+    images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed)
+    write_images(output, images, nrow=k if k and class_id is None else 8)
+    click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider})")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+@main.group("export")
+def export_group() -> None:
+    """Export a trained checkpoint."""
+
+
+@export_group.command("onnx")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Artifact folder. Default: an onnx folder beside the checkpoint.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option("--steps", type=int, default=50, show_default=True, help="Default step count in sampler.json.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def export_onnx_command(checkpoint, out, opset, steps, force):
+    """Write unet.onnx, vae_decoder.onnx, sampler.onnx and sampler.json (checked against the torch models)."""
+    from ldmkit.export.onnx_export import DEFAULT_OPSET, export_onnx
+
+    path = export_onnx(checkpoint, out, DEFAULT_OPSET if opset is None else opset, steps, force, log=click.echo)
+    click.echo(f"wrote {path}")
 
 
 # -------------------------------------------------------------------------------------------- eval

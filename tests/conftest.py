@@ -1,10 +1,13 @@
-"""Shared pytest set-up: skip `gpu` tests without CUDA and `node` tests without Node.js/npm.
+"""Shared pytest set-up: skip `gpu` tests without CUDA and `node` tests without Node.js/npm; the tiny
+checkpoints and ONNX artifacts the export tests share (built once per session, skipped without torch/onnx).
 
-torch is imported only when a `gpu` test was collected, so a numpy-only environment runs the rest.
+torch is imported only when a `gpu` test was collected or an ONNX fixture is used, so a numpy-only
+environment runs the rest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -29,3 +32,76 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs Node.js and npm on PATH")
         for item in node_items:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------ ONNX export fixtures (tests/test_export.py,
+# tests/test_runtime.py, tests/test_node_example.py): two tiny checkpoints, exported once per session.
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread for the ONNX tests' tiny models: two OpenMP threads on a shared 2-core machine
+    spend most of their time waiting for each other at barriers."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """``one_torch_thread`` for a whole test module."""
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Two tiny checkpoints (checkpoint.pt, each in its own folder) made with the engine's checkpoint writer
+    from freshly initialised networks whose zero-initialised layers are redrawn, so every output is O(1):
+    "cond": class-conditional (10 classes), ε-prediction, linear schedule, T = 50;
+    "uncond": unconditional, v-prediction, cosine schedule, T = 40, attention at both levels."""
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    import torch
+
+    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
+    from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
+    from ldmkit.engine.models import VAE, UNet
+
+    vae = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4)
+    configs = {
+        "cond": Config(vae=vae, diffusion=DiffusionConfig(T=50), latent_shape=(2, 8, 8), latent_scale=1.3,
+                       unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
+                                       num_heads=2, num_classes=10, groups=4)),
+        "uncond": Config(vae=vae, diffusion=DiffusionConfig(schedule="cosine", T=40, prediction="v"),
+                         latent_shape=(2, 8, 8), latent_scale=0.8,
+                         unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2),
+                                         attention_levels=(0, 1), num_heads=2, num_classes=0, groups=4)),
+    }
+    paths = {}
+    for i, (name, config) in enumerate(configs.items()):
+        torch.manual_seed(i)
+        nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
+        with torch.no_grad():
+            for p in (p for net in nets for p in net.parameters() if not p.any()):
+                p.normal_(0.0, 0.1)
+        paths[name] = tmp_path_factory.mktemp(name) / "checkpoint.pt"
+        vae_state, unet_state = (net.state_dict() for net in nets)
+        save_checkpoint(paths[name], make_checkpoint(config, vae_state, unet_state, unet_state))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def onnx_artifacts(tiny_checkpoints):
+    """{"cond": the conditional checkpoint's artifact (default opset, 8 default steps), "uncond": the
+    unconditional one's (opset 20, 40 default steps)}, each exported into an ``onnx`` folder beside it."""
+    from ldmkit.export.onnx_export import export_onnx
+
+    with one_torch_thread():
+        return {"cond": export_onnx(tiny_checkpoints["cond"], steps=8, log=lambda line: None),
+                "uncond": export_onnx(tiny_checkpoints["uncond"], opset=20, steps=40, log=lambda line: None)}

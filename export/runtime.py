@@ -1,0 +1,369 @@
+"""Sample from an exported ONNX artifact with NumPy and ONNX Runtime only (never torch).
+
+The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
+  unet.onnx         (x_t[B,C,H,W] float32, t[B] int64 math timesteps, y[B] int64 labels, 0..K with K the null
+                    class) -> prediction[B,C,H,W] float32; an unconditional model (K = 0) has no ``y`` input.
+  vae_decoder.onnx  z[B,C,H,W] float32 -> image[B,c,H',W'] float32 in [0, 1]. z is the sampler's z_0 itself:
+                    the graph multiplies by ``latent_scale``, decodes and maps (x+1)/2 clamped to [0, 1].
+  sampler.onnx      DDIM (eta = 0) with classifier-free guidance and the decoder in one ONNX ``Loop``
+                    (``build_sampler`` in sampler_graph.py): (noise[B,C,H,W] float32, y[B] int64,
+                    guidance[] float32, steps[] int64) -> images[B,c,H',W'] in [0, 1]; no y/guidance inputs for
+                    an unconditional model.
+  sampler.json      schedule (alpha_bars, math-indexed, length T+1), prediction type, shapes, classes, defaults,
+                    the input/output names of each graph and the sha256 of each file.
+
+``OnnxSampler`` checks all of it on load (format, keys and types, the schedule table against the reference,
+the sha256 of each file, each graph's declared inputs/outputs and its ldmkit metadata) and samples with the
+reference's own loops (``ldmkit.reference.samplers``): the ONNX U-Net is wrapped as a NumPy model callable
+(float32 in and out; the loop itself runs in float64) and classifier-free guidance is the reference's ``cfg``:
+one batched U-Net call on [x, x] with labels [y, null] per step.
+
+Seeds: ``seed`` draws from ``numpy.random.default_rng(seed)`` (x_T first, then the loop noise when a step is
+stochastic), so a seed gives other images than the same seed in the torch engine (``torch.Generator``).
+Explicit ``noise=(x_T, loop_noise)`` float32 arrays give the same images through the torch engine
+(``engine.sample.generate(..., noise=...)``), this runtime and sampler.onnx, to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import numbers
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ldmkit import __version__
+from ldmkit.reference import samplers as R
+from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, respace, timesteps
+
+FORMAT_NAME = "ldmkit-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "sampler.json"
+FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
+SAMPLERS = ("ddim", "ddpm", "heun", "dpmpp2m")
+PROVIDERS = ("auto", "cpu", "cuda")
+SPACING = "trailing"
+PREDICTIONS = ("eps", "x0", "v")
+DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
+META_ROLE, META_DIGEST, META_FORMAT = "ldmkit.role", "ldmkit.model_sha256", "ldmkit.format"
+
+# sampler.json's "model" section: key -> (type, check, what a valid value is)
+_MODEL_KEYS = {
+    "schedule": (str, lambda v: v in SCHEDULE_NAMES, f"one of {list(SCHEDULE_NAMES)}"),
+    "T": (int, lambda v: v >= 1, "an int >= 1"),
+    "alpha_bars": (list, lambda v: all(isinstance(a, float) for a in v), "a list of floats"),
+    "prediction": (str, lambda v: v in PREDICTIONS, f"one of {list(PREDICTIONS)}"),
+    "latent_shape": (list, lambda v: _ints(v, 3), "[C, H, W]"),
+    "latent_scale": (float, lambda v: v > 0, "a float > 0"),
+    "image_shape": (list, lambda v: _ints(v, 3), "[C, H, W]"),
+    "num_classes": (int, lambda v: v >= 0, "an int >= 0"),
+    "null_class": ((int, type(None)), lambda v: True, "an int or null"),
+    "timestep_spacing": (str, lambda v: v == SPACING, f"{SPACING!r}"),
+    "defaults": (dict, lambda v: True, "a dict"),
+}
+_DEFAULT_KEYS = {
+    "sampler": (str, lambda v: v in SAMPLERS, f"one of {list(SAMPLERS)}"),
+    "steps": (int, lambda v: v >= 1, "an int >= 1"),
+    "eta": (float, lambda v: v >= 0, "a float >= 0"),
+    "guidance": ((float, type(None)), lambda v: v is None or v >= 0, "a float >= 0 or null"),
+    "timesteps": (list, lambda v: _ints(v, len(v)), "a list of ints"),
+}
+
+
+def _ints(v, n: int) -> bool:
+    return len(v) == n and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in v)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_digest(model: dict) -> str:
+    """sha256 of the canonical JSON of sampler.json's "model" section; each .onnx carries it as metadata."""
+    return sha256_bytes(json.dumps(model, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _check_keys(section, spec: dict, where: str) -> None:
+    if not isinstance(section, dict):
+        raise ValueError(f"{where} must be an object, got {type(section).__name__}")
+    missing = [k for k in spec if k not in section]
+    if missing:
+        raise ValueError(f"{where} is missing key(s) {missing}")
+    for key, (tp, ok, what) in spec.items():
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, tp) or not ok(value):
+            raise ValueError(f"{where}.{key} must be {what}, got {value!r:.80}")
+
+
+def load_manifest(folder) -> dict:
+    """sampler.json of an artifact folder, checked: format, keys and types, the schedule table against the
+    reference's ``Schedule.named``, the default timesteps, the file names. ValueError naming the problem."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"ONNX artifact folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not an ONNX artifact folder (ldmkit export onnx writes one)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is a folder without {MANIFEST}: not an ldmkit ONNX artifact "
+                                "(ldmkit export onnx writes one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")
+    if fmt.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {fmt.get('version')!r} is not supported; this ldmkit "
+                         f"({__version__}) reads version {FORMAT_VERSION}")
+    _check_keys(manifest, {"ldmkit_version": (str, bool, "a string"), "opset": (int, lambda v: v > 0, "an int"),
+                           "model": (dict, bool, "an object"), "files": (dict, bool, "an object")}, str(path))
+    model = manifest["model"]
+    _check_keys(model, _MODEL_KEYS, f"{path}: model")
+    _check_keys(model["defaults"], _DEFAULT_KEYS, f"{path}: model.defaults")
+    T, k = model["T"], model["num_classes"]
+    expected = Schedule.named(model["schedule"], T).alpha_bars
+    if len(model["alpha_bars"]) != T + 1 or not np.array_equal(np.array(model["alpha_bars"]), expected):
+        raise ValueError(f"{path}: model.alpha_bars is not the {model['schedule']!r} schedule with T = {T}")
+    if model["null_class"] != (k if k > 0 else None):
+        raise ValueError(f"{path}: model.null_class must be num_classes ({k}) or null when unconditional")
+    d = model["defaults"]
+    if not 1 <= d["steps"] <= T or d["timesteps"] != timesteps(d["steps"], T, SPACING).tolist():
+        raise ValueError(f"{path}: model.defaults.timesteps is not the {SPACING} list for steps = {d['steps']}")
+    for role, name in FILES.items():
+        entry = manifest["files"].get(role)
+        _check_keys(entry, {"path": (str, lambda v, n=name: v == n, repr(name)),
+                            "sha256": (str, lambda v: len(v) == 64, "64 hex digits"),
+                            "inputs": (list, bool, "a list"), "outputs": (list, bool, "a list")},
+                    f"{path}: files.{role}")
+    return manifest
+
+
+def _read_checked(folder: Path, entry: dict) -> bytes:
+    path = folder / entry["path"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the ONNX artifact")
+    data = path.read_bytes()
+    if sha256_bytes(data) != entry["sha256"]:
+        raise ValueError(f"{path} does not match the sha256 recorded in {MANIFEST}: the file was changed or swapped")
+    return data
+
+
+def _providers(provider: str) -> list[str]:
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {list(PROVIDERS)}, got {provider!r}")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if provider == "cuda" and not has_cuda:
+        raise ValueError("provider 'cuda' was asked, but this onnxruntime has no CUDAExecutionProvider "
+                         "(install onnxruntime-gpu)")
+    if provider == "cpu" or not has_cuda:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """All graph optimizations, warnings off, no spin-waiting between runs (idle threads would take the CPU
+    from the host's own work, torch's thread pool included); ``threads`` intra-op threads (None: ONNX
+    Runtime's default, one per physical core)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    return opts
+
+
+def describe_io(args) -> list[dict]:
+    """sampler.json's form of a session's ``get_inputs()``/``get_outputs()``: name, dtype, shape ("batch")."""
+    return [{"name": a.name, "dtype": next((k for k, v in DTYPES.items() if v == a.type), a.type),
+             "shape": [d if isinstance(d, int) else "batch" for d in a.shape]} for a in args]
+
+
+def check_session(session: ort.InferenceSession, entry: dict, role: str, digest: str, source) -> None:
+    """The session's inputs/outputs must be those sampler.json declares and its metadata must name ``role``
+    and the manifest's model digest; ValueError naming ``source`` otherwise."""
+    got = {"inputs": describe_io(session.get_inputs()), "outputs": describe_io(session.get_outputs())}
+    for key in ("inputs", "outputs"):
+        if got[key] != entry[key]:
+            raise ValueError(f"{source}: its {key} {got[key]} differ from those {MANIFEST} declares for {role} "
+                             f"{entry[key]}")
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get(META_ROLE) != role:
+        raise ValueError(f"{source} is the artifact's {meta.get(META_ROLE)!r} model, not its {role!r} model")
+    if meta.get(META_DIGEST) != digest:
+        raise ValueError(f"{source} was exported with another model description than {MANIFEST} holds "
+                         f"({MANIFEST} was edited, or the file comes from another export)")
+
+
+class OnnxSampler:
+    """An exported artifact, loaded and checked (see the module docstring). ``provider``: 'auto' (CUDA where
+    it loads, else CPU), 'cpu' or 'cuda' (ValueError rather than a silent CPU fallback); ``.provider`` is
+    what runs. ``threads``: ONNX Runtime intra-op threads (None: its default)."""
+
+    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.model = self.manifest["model"]
+        self.schedule = Schedule.named(self.model["schedule"], self.model["T"])
+        self.latent_shape = tuple(self.model["latent_shape"])
+        self.num_classes = self.model["num_classes"]
+        self._digest = model_digest(self.model)
+        self._blobs = {role: _read_checked(self.path, self.manifest["files"][role]) for role in FILES}
+        self._providers = _providers(provider)
+        self._options = session_options(threads)
+        self.unet = self._session("unet")
+        self.decoder = self._session("vae_decoder")
+        self._graph = None
+        used = self.unet.get_providers()
+        if self._providers[0] == "CUDAExecutionProvider" and used[0] != "CUDAExecutionProvider":
+            if provider == "cuda":
+                raise ValueError("provider 'cuda' was asked, but onnxruntime could not load its CUDA provider "
+                                 f"(the session runs on {used}); refusing to fall back to CPU")
+        self.provider = "cuda" if used[0] == "CUDAExecutionProvider" else "cpu"
+        self._unet_out = self.unet.get_outputs()[0].name
+
+    def _session(self, role: str) -> ort.InferenceSession:
+        entry = self.manifest["files"][role]
+        source = self.path / entry["path"]
+        try:
+            session = ort.InferenceSession(self._blobs[role], self._options, providers=self._providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ValueError(f"{source} cannot be loaded by onnxruntime {ort.__version__}: {reason}") from exc
+        check_session(session, entry, role, self._digest, source)
+        return session
+
+    # ------------------------------------------------------------------------------------- arguments
+
+    def labels(self, n: int, labels=None):
+        """(n,) int64 labels: None → 0, 1, …, K−1 in turn; an int → all that class; an array of n class ids.
+        None for an unconditional model (labels must then be None)."""
+        k = self.num_classes
+        if k == 0:
+            if labels is not None:
+                raise ValueError("labels were given but the model is unconditional (trained without labels)")
+            return None
+        if labels is None:
+            return np.arange(n, dtype=np.int64) % k
+        if isinstance(labels, (numbers.Integral, np.integer)) and not isinstance(labels, bool):
+            labels = np.full(n, int(labels), dtype=np.int64)
+        arr = np.asarray(labels)
+        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"labels must be a class id or {n} integer class ids, got {arr.dtype} {arr.shape}")
+        bad = arr[(arr < 0) | (arr >= k)]
+        if bad.size:
+            raise ValueError(f"labels: class id must be in 0..{k - 1}, got {int(bad[0])}")
+        return arr.astype(np.int64)
+
+    def check(self, n, sampler: str, steps: int, eta: float, guidance) -> None:
+        """ValueError naming the argument: n < 1, an unknown sampler, steps outside 1..T, a negative eta, eta
+        with a sampler other than ddim, guidance on an unconditional model or below 0."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+        T = self.model["T"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps!r}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if eta > 0 and sampler != "ddim":
+            raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
+        if guidance is not None:
+            if self.num_classes == 0:
+                raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
+            if not guidance >= 0:
+                raise ValueError(f"guidance must be >= 0, got {guidance}")
+
+    def noise(self, n: int, steps: int, seed: int, loop: bool = True):
+        """(x_T (n, C, H, W), loop noise (steps, n, C, H, W) or None) float32 from ``default_rng(seed)``."""
+        rng = np.random.default_rng(seed)
+        shape = (n, *self.latent_shape)
+        x_T = rng.standard_normal(shape, dtype=np.float32)
+        return x_T, (rng.standard_normal((steps, *shape), dtype=np.float32) if loop else None)
+
+    def _noise(self, noise, n: int, steps: int, seed: int, loop: bool):
+        if noise is None:
+            return self.noise(n, steps, seed, loop)
+        if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+            raise TypeError("noise must be a pair (x_T, loop_noise); loop_noise may be None for a deterministic run")
+        x_T = np.asarray(noise[0], dtype=np.float32)
+        shape = (n, *self.latent_shape)
+        if x_T.shape != shape:
+            raise ValueError(f"noise: x_T must have shape {shape}, got {x_T.shape}")
+        if noise[1] is None:
+            if loop:
+                raise ValueError(f"noise: this sampler needs loop noise of shape {(steps, *shape)}, got None")
+            return x_T, None
+        z = np.asarray(noise[1], dtype=np.float32)
+        if z.shape != (steps, *shape):
+            raise ValueError(f"noise: loop noise must have shape {(steps, *shape)}, got {z.shape}")
+        return x_T, z
+
+    # ------------------------------------------------------------------------------------ the models
+
+    def unet_fn(self, x, t, y=None) -> np.ndarray:
+        """The U-Net as a NumPy model callable: x (B, C, H, W), t (B,) math timesteps, y (B,) labels or None
+        (the null class) → (B, C, H, W) float32. On CUDA it runs through IO binding."""
+        feeds = {"x_t": np.ascontiguousarray(x, dtype=np.float32), "t": np.asarray(t, dtype=np.int64)}
+        if self.num_classes:
+            feeds["y"] = (np.full(len(feeds["t"]), self.num_classes, dtype=np.int64) if y is None
+                          else np.asarray(y, dtype=np.int64))
+        if self.provider != "cuda":
+            return self.unet.run([self._unet_out], feeds)[0]
+        binding = self.unet.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(self._unet_out, "cuda")
+        self.unet.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def decode(self, z) -> np.ndarray:
+        """vae_decoder.onnx: z_0 (B, C, H, W) → images (B, c, H', W') float32 in [0, 1]."""
+        return self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+
+    # ------------------------------------------------------------------------------------- sampling
+
+    def sample(self, n: int, labels=None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+               guidance: float | None = None, seed: int = 0, noise=None) -> np.ndarray:
+        """n images (n, c, H', W') float32 in [0, 1] through the reference's loops and the ONNX U-Net.
+
+        ``labels``: see ``labels``. ``guidance``: classifier-free guidance w (None: 1, plain conditional
+        sampling, one U-Net call per step; otherwise one batched call on 2n). ``noise``: (x_T (n, C, H, W),
+        loop noise (steps, n, C, H, W), None for ddim with eta = 0, heun, dpmpp2m) instead of ``seed``."""
+        self.check(n, sampler, steps, eta, guidance)
+        y = self.labels(n, labels)
+        stochastic = sampler == "ddpm" or eta > 0
+        x_T, loop = self._noise(noise, n, steps, seed, stochastic)
+        model = self.unet_fn
+        if y is not None and guidance is not None and guidance != 1.0:
+            model = R.cfg(self.unet_fn, float(guidance), self.model["null_class"])
+        ts = timesteps(steps, self.model["T"], SPACING)
+        pred = self.model["prediction"]
+        if sampler == "ddpm":
+            z = R.ddpm_sample(model, x_T, respace(self.schedule, ts), "beta_tilde", loop, pred, y)
+        elif sampler == "ddim":
+            z = R.ddim_sample(model, x_T, self.schedule, ts, eta, loop if eta > 0 else None, pred, y)
+        elif sampler == "heun":
+            z = R.heun_sample(model, x_T, self.schedule, ts, pred, y)
+        else:
+            z = R.dpmpp_2m_sample(model, x_T, self.schedule, ts, pred, y)
+        return self.decode(z)
+
+    def sample_graph(self, n: int, labels=None, steps: int = 50, guidance: float | None = None, seed: int = 0,
+                     noise=None) -> np.ndarray:
+        """The same as ``sample(..., sampler="ddim", eta=0)`` in ONE ``session.run`` of sampler.onnx."""
+        self.check(n, "ddim", steps, 0.0, guidance)
+        y = self.labels(n, labels)
+        x_T, _ = self._noise(noise, n, steps, seed, False)
+        if self._graph is None:
+            self._graph = self._session("sampler")
+        feeds = {"noise": x_T, "steps": np.array(steps, dtype=np.int64)}
+        if y is not None:
+            feeds["y"] = y
+            feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
+        return self._graph.run(None, feeds)[0]

@@ -1,0 +1,140 @@
+"""sampler.onnx: DDIM (η = 0) with classifier-free guidance and the VAE decoder in ONE ONNX graph.
+
+Inputs:  noise[B,C,H,W] float32 (x_T), y[B] int64 class ids 0..K−1, guidance[] float32 (w; 1 is plain
+         conditional sampling), steps[] int64 (clamped to 1..T). An unconditional model has no y/guidance.
+Output:  images[B,c,H',W'] float32 in [0, 1].
+
+The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (ONNX Round and
+NumPy both round half to even, so it equals ``reference.schedules.timesteps(steps, T, "trailing")``), then
+runs an ONNX ``Loop`` over it whose body holds the U-Net's own nodes and weights (unet.onnx inlined, names
+prefixed ``unet/``): per step ONE U-Net call on [x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅), and
+the DDIM step of ``reference.samplers.ddim_step``. The loop state x is float64 and every coefficient is
+gathered from float64 tables of the reference ``Schedule``, as in the NumPy runtime; the U-Net sees x cast
+to float32. After the loop, vae_decoder.onnx's nodes (prefixed ``vae_decoder/``) decode z_0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, compose, helper, numpy_helper
+
+from ldmkit.reference.schedules import Schedule
+
+F32, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+
+
+class _Graph:
+    """A list of nodes and constant initializers under construction."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self.inits, self.count = prefix, [], [], 0
+
+    def const(self, value, dtype) -> str:
+        self.count += 1
+        name = f"{self.prefix}c{self.count}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        self.count += 1
+        out = out or f"{self.prefix}{op_type.lower()}{self.count}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}n{self.count}", **attrs))
+        return out
+
+
+def _inline(g: _Graph, model: onnx.ModelProto, prefix: str, feeds: dict) -> str:
+    """Append ``model``'s nodes and weights to ``g`` with every name prefixed, wiring its inputs to ``feeds``
+    (input name → value in g); returns the name of its (single) output."""
+    sub = compose.add_prefix_graph(model.graph, prefix)
+    for inp in model.graph.input:
+        g.op("Identity", feeds[inp.name], out=prefix + inp.name)
+    g.nodes.extend(sub.node)
+    g.inits.extend(sub.initializer)
+    return sub.output[0].name
+
+
+def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction: str) -> str:
+    """DDIM η = 0 from t to t_prev on x (float64) given the (guided) model output e (float64), as
+    ``ddim_step``: x̂_0 by P3, ξ = √(1−ᾱ_prev)/√(1−ᾱ_t), ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ x̂_0 + ξ x."""
+    def at(table, index):
+        return g.op("Gather", tab[table], index)
+
+    def affine(a, b):  # a[t]·x − b[t]·e
+        return g.op("Sub", g.op("Mul", at(a, t), x), g.op("Mul", at(b, t), e))
+
+    if prediction == "eps":
+        x0 = affine("sqrt_recip_alpha_bars", "sqrt_recipm1_alpha_bars")
+    elif prediction == "v":
+        x0 = affine("sqrt_alpha_bars", "sqrt_one_minus_alpha_bars")
+    else:
+        x0 = e
+    ab_prev = at("alpha_bars", t_prev)
+    room = g.op("Max", g.op("Sub", g.const(1.0, np.float64), ab_prev), g.const(0.0, np.float64))
+    xi = g.op("Div", g.op("Sqrt", room), at("sqrt_one_minus_alpha_bars", t))
+    zeta = g.op("Sub", g.op("Sqrt", ab_prev), g.op("Mul", xi, at("sqrt_alpha_bars", t)))
+    return g.op("Add", g.op("Mul", zeta, x0), g.op("Mul", xi, x))
+
+
+def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Schedule, prediction: str,
+                  null_class: int | None) -> onnx.ModelProto:
+    """The single-graph sampler from the exported unet.onnx and vae_decoder.onnx (same opset); ``null_class``
+    None for an unconditional U-Net (no y input). See the module docstring for inputs and outputs."""
+    conditional = null_class is not None
+    latent = [d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim][1:]
+    main, body = _Graph("main/"), _Graph("body/")
+    tab = {k: main.const(getattr(schedule, k), np.float64) for k in (
+        "alpha_bars", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars", "sqrt_recip_alpha_bars",
+        "sqrt_recipm1_alpha_bars")}
+    T = schedule.T
+
+    # the trailing step list t_i = round(T + i·(−T/N)) and its successors [t_1, …, t_{N−1}, 0]
+    steps = main.op("Max", main.op("Min", "steps", main.const(T, np.int64)), main.const(1, np.int64))
+    idx = main.op("Cast", main.op("Range", main.const(0, np.int64), steps, main.const(1, np.int64)), to=F64)
+    delta = main.op("Div", main.const(-float(T), np.float64), main.op("Cast", steps, to=F64))
+    ts = main.op("Cast", main.op("Round", main.op("Add", main.const(float(T), np.float64),
+                                                 main.op("Mul", idx, delta))), to=I64, out="main/timesteps")
+    prevs = main.op("Concat", main.op("Slice", ts, main.const([1], np.int64), main.const([2**62], np.int64)),
+                    main.const([0], np.int64), axis=0)
+
+    # the loop body: (i, cond, x) → (cond, x_prev)
+    t, t_prev = body.op("Gather", ts, "i"), body.op("Gather", prevs, "i")
+    x32 = body.op("Cast", "x", to=F32)
+    batch = body.op("Shape", x32, start=0, end=1)
+    if conditional:
+        w = main.op("Cast", "guidance", to=F64)
+        double = body.op("Mul", batch, body.const([2], np.int64))
+        feeds = {"x_t": body.op("Concat", x32, x32, axis=0), "t": body.op("Expand", t, double),
+                 "y": body.op("Concat", "y", body.op("Expand", body.const(null_class, np.int64), batch), axis=0)}
+        out = body.op("Cast", _inline(body, unet, "unet/", feeds), to=F64)
+        cond = body.op("Slice", out, body.const([0], np.int64), batch, body.const([0], np.int64))
+        uncond = body.op("Slice", out, batch, double, body.const([0], np.int64))
+        e = body.op("Add", uncond, body.op("Mul", w, body.op("Sub", cond, uncond)))
+    else:
+        feeds = {"x_t": x32, "t": body.op("Expand", t, batch)}
+        e = body.op("Cast", _inline(body, unet, "unet/", feeds), to=F64)
+    x_prev = _step(body, tab, "x", e, t, t_prev, prediction)
+    body.op("Identity", "cond", out="cond_out")
+    body.op("Identity", x_prev, out="x_out")
+    body_graph = helper.make_graph(
+        body.nodes, "ddim_step",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", BOOL, []),
+         helper.make_tensor_value_info("x", F64, None)],
+        [helper.make_tensor_value_info("cond_out", BOOL, []), helper.make_tensor_value_info("x_out", F64, None)],
+        initializer=body.inits)
+
+    z0 = main.op("Loop", steps, "", main.op("Cast", "noise", to=F64), body=body_graph)
+    image = _inline(main, decoder, "vae_decoder/", {"z": main.op("Cast", z0, to=F32)})
+    main.op("Identity", image, out="images")
+
+    inputs = [helper.make_tensor_value_info("noise", F32, ["batch", *latent])]
+    if conditional:
+        inputs += [helper.make_tensor_value_info("y", I64, ["batch"]),
+                   helper.make_tensor_value_info("guidance", F32, [])]
+    inputs.append(helper.make_tensor_value_info("steps", I64, []))
+    out_dims = [d.dim_value for d in decoder.graph.output[0].type.tensor_type.shape.dim][1:]
+    graph = helper.make_graph(main.nodes, "ldmkit_ddim_sampler", inputs,
+                              [helper.make_tensor_value_info("images", F32, ["batch", *out_dims])],
+                              initializer=main.inits)
+    return helper.make_model(graph, opset_imports=list(unet.opset_import), producer_name="ldmkit",
+                             ir_version=unet.ir_version)

@@ -1,0 +1,266 @@
+"""The torch-free runtime (ldmkit.export.runtime) and `ldmkit sample DIR`: it imports and samples with torch
+unimportable, refuses tampered, swapped or edited artifacts and bad arguments with one line (exit status 2
+from the CLI) and no output, and reports the provider that actually runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+
+from ldmkit.cli import main  # noqa: E402
+from ldmkit.export import runtime as rt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK_TORCH = textwrap.dedent("""
+    import sys
+
+    class _Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "onnx", "onnxscript"}:
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, _Blocker())
+""")
+
+
+def run_blocked(code: str, *args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter where torch, onnx and onnxscript cannot be imported."""
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture()
+def artifact(onnx_artifacts, tmp_path):
+    """A private copy of the conditional artifact, free to tamper with."""
+    return Path(shutil.copytree(onnx_artifacts["cond"], tmp_path / "art"))
+
+
+def test_runtime_samples_with_torch_unimportable(onnx_artifacts):
+    proc = run_blocked("""
+        import sys
+        import numpy as np
+        from ldmkit.export.runtime import OnnxSampler
+        s = OnnxSampler(sys.argv[1])
+        images = s.sample(4, labels=[0, 1, 2, 3], steps=3, guidance=2.0, seed=1)
+        graph = s.sample_graph(4, labels=[0, 1, 2, 3], steps=3, guidance=2.0, seed=1)
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "onnx", "onnxscript"})
+        print(images.shape, images.dtype, s.provider, float(np.abs(images - graph).max()) < 1e-4, heavy)
+    """, onnx_artifacts["cond"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "(4, 1, 32, 32) float32 cpu True []"
+
+
+def test_cli_sample_from_folder_with_torch_unimportable(onnx_artifacts, tmp_path):
+    main_code = "import runpy; sys.argv = ['ldmkit', *sys.argv[1:]]; runpy.run_module('ldmkit', run_name='__main__')"
+    png, npy = tmp_path / "x.png", tmp_path / "x.npy"
+    proc = run_blocked(main_code, "sample", onnx_artifacts["cond"], "-n", "12", "--steps", "3", "-o", png)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "onnxruntime, cpu" in proc.stdout
+    proc = run_blocked(main_code, "sample", onnx_artifacts["uncond"], "-n", "3", "--sampler", "heun", "--steps", "4",
+                       "-o", npy)
+    assert proc.returncode == 0, proc.stderr
+    images = np.load(npy)
+    assert images.shape == (3, 1, 32, 32) and images.dtype == np.float32 and 0 <= images.min() <= images.max() <= 1
+
+
+def test_python_example_runs_with_torch_unimportable(onnx_artifacts, tmp_path):
+    script = ROOT / "examples" / "python" / "sample.py"
+    assert len(script.read_text().splitlines()) <= 30
+    proc = run_blocked(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')",
+                       onnx_artifacts["cond"], tmp_path / "digits.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "digits.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_and_explicit_noise(onnx_artifacts):
+    s = rt.OnnxSampler(onnx_artifacts["cond"], provider="cpu")
+    a = s.sample(3, labels=4, steps=4, guidance=3.0, seed=11)
+    np.testing.assert_array_equal(a, s.sample(3, labels=4, steps=4, guidance=3.0, seed=11))
+    assert np.abs(a - s.sample(3, labels=4, steps=4, guidance=3.0, seed=12)).max() > 1e-3
+    x_T, _ = s.noise(3, 4, seed=11, loop=False)
+    np.testing.assert_array_equal(a, s.sample(3, labels=4, steps=4, guidance=3.0, seed=99, noise=(x_T, None)))
+    x_T, loop = s.noise(3, 4, seed=2)
+    b = s.sample(3, labels=4, steps=4, eta=1.0, noise=(x_T, loop))
+    assert np.abs(b - s.sample(3, labels=4, steps=4, eta=1.0, noise=(x_T, loop + 1))).max() > 1e-3
+
+
+def test_labels_default_to_all_classes_in_turn(onnx_artifacts):
+    s = rt.OnnxSampler(onnx_artifacts["cond"], provider="cpu")
+    np.testing.assert_array_equal(s.labels(12), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    np.testing.assert_array_equal(s.labels(3, 7), [7, 7, 7])
+    assert rt.OnnxSampler(onnx_artifacts["uncond"], provider="cpu").labels(3) is None
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("cond", {"labels": 10}, "class id must be in 0..9, got 10"),
+    ("cond", {"labels": [0, -1, 2]}, "class id must be in 0..9, got -1"),
+    ("cond", {"labels": [0, 1]}, "labels must be a class id or 3 integer class ids"),
+    ("cond", {"labels": [0.5, 1, 2]}, "labels must be a class id or 3 integer class ids"),
+    ("uncond", {"labels": 1}, "labels were given but the model is unconditional"),
+    ("uncond", {"guidance": 3.0}, "guidance was given but the model is unconditional"),
+    ("cond", {"guidance": -1.0}, "guidance must be >= 0"),
+    ("cond", {"steps": 51}, "steps must be in 1..50"),
+    ("cond", {"steps": 0}, "steps must be in 1..50"),
+    ("cond", {"sampler": "euler_a"}, "sampler must be one of"),
+    ("cond", {"sampler": "heun", "eta": 0.5}, "eta applies to the ddim sampler only"),
+    ("cond", {"eta": -0.1}, "eta must be >= 0"),
+    ("cond", {"noise": (np.zeros((3, 2, 8, 8), np.float32), None), "sampler": "ddpm"}, "needs loop noise"),
+    ("cond", {"noise": (np.zeros((3, 2, 4, 4), np.float32), None)}, "x_T must have shape (3, 2, 8, 8)"),
+])
+def test_bad_arguments_name_the_argument(onnx_artifacts, name, kwargs, message):
+    s = rt.OnnxSampler(onnx_artifacts[name], provider="cpu")
+    with pytest.raises(ValueError, match=None) as info:
+        s.sample(3, **{"steps": 2, **kwargs})
+    assert message in str(info.value)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        s.sample(0)
+
+
+def _edit(path: Path, edit) -> None:
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def _rehash(art: Path) -> None:
+    def fix(m):
+        for entry in m["files"].values():
+            entry["sha256"] = rt.sha256_bytes((art / entry["path"]).read_bytes())
+    _edit(art / "sampler.json", fix)
+
+
+def _swap(art: Path, a: str, b: str) -> None:
+    (art / a).rename(art / "tmp")
+    (art / b).rename(art / a)
+    (art / "tmp").rename(art / b)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _cross(art: Path, other: Path) -> None:  # the unconditional export's files under the conditional manifest
+    for name in ("unet.onnx", "vae_decoder.onnx", "sampler.onnx"):
+        shutil.copy(other / name, art / name)
+    _rehash(art)
+
+
+TAMPERING = {
+    "T edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T=60)),
+                 "model.alpha_bars is not the 'linear' schedule with T = 60"),
+    "alpha_bar edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"]["alpha_bars"].__setitem__(
+        5, 0.5)), "model.alpha_bars is not the 'linear' schedule"),
+    "class count edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(
+        num_classes=5, null_class=5)), "was exported with another model description"),
+    "latent scale edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(latent_scale=2.0)),
+                            "was exported with another model description"),
+    "prediction edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(prediction="v")),
+                          "was exported with another model description"),
+    "key removed": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].pop("prediction")),
+                    "model is missing key(s) ['prediction']"),
+    "wrong type": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T="50")),
+                   "model.T must be an int >= 1"),
+    "format version": (lambda art, o: _edit(art / "sampler.json", lambda m: m["format"].update(version=2)),
+                       "format version 2 is not supported"),
+    "not json": (lambda art, o: (art / "sampler.json").write_text("{"), "sampler.json is not valid JSON"),
+    "not a manifest": (lambda art, o: (art / "sampler.json").write_text("[1, 2]"), "is not an ldmkit ONNX manifest"),
+    "declared input renamed": (lambda art, o: _edit(art / "sampler.json", lambda m: m["files"]["unet"]["inputs"][0]
+                                                    .update(name="x")), "differ from those sampler.json declares"),
+    "unet tampered": (lambda art, o: _flip_byte(art / "unet.onnx"), "unet.onnx does not match the sha256"),
+    "decoder tampered": (lambda art, o: _flip_byte(art / "vae_decoder.onnx"),
+                         "vae_decoder.onnx does not match the sha256"),
+    "sampler tampered": (lambda art, o: _flip_byte(art / "sampler.onnx"), "sampler.onnx does not match the sha256"),
+    "files swapped": (lambda art, o: _swap(art, "unet.onnx", "vae_decoder.onnx"), "does not match the sha256"),
+    "swapped, rehashed": (lambda art, o: (_swap(art, "unet.onnx", "sampler.onnx"), _rehash(art)),
+                          "differ from those sampler.json declares"),
+    "other export's files": (lambda art, o: _cross(art, o), "unet.onnx: its inputs"),
+    "file missing": (lambda art, o: (art / "vae_decoder.onnx").unlink(), "vae_decoder.onnx is missing"),
+    "manifest missing": (lambda art, o: (art / "sampler.json").unlink(), "is a folder without sampler.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_tampered_artifacts_are_refused(artifact, onnx_artifacts, tmp_path, case):
+    tamper, message = TAMPERING[case]
+    tamper(artifact, onnx_artifacts["uncond"])
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        rt.OnnxSampler(artifact, provider="cpu")
+    assert message in str(info.value)
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(artifact), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_metadata_role_is_checked(artifact):
+    """Two graphs with the same inputs and outputs but another role (a re-tagged copy) are told apart."""
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(artifact / "unet.onnx")
+    for prop in proto.metadata_props:
+        if prop.key == rt.META_ROLE:
+            prop.value = "vae_decoder"
+    onnx.save(proto, artifact / "unet.onnx")
+    _rehash(artifact)
+    with pytest.raises(ValueError, match="is the artifact's 'vae_decoder' model, not its 'unet' model"):
+        rt.OnnxSampler(artifact, provider="cpu")
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("cond", ["--class", "10"], "class id must be in 0..9"),
+    ("uncond", ["--class", "1", "--steps", "4"], "the model is unconditional"),
+    ("uncond", ["--guidance", "2", "--steps", "4"], "guidance was given but the model is unconditional"),
+    ("cond", ["--steps", "51"], "steps must be in 1..50"),
+    ("cond", ["--sampler", "euler_a"], "sampler must be one of"),
+    ("cond", ["--eta", "0.5", "--sampler", "dpmpp2m"], "eta applies to the ddim sampler only"),
+    ("cond", ["--device", "cuda"], "cuda"),
+])
+def test_cli_sample_folder_bad_arguments(onnx_artifacts, tmp_path, name, args, message):
+    if args == ["--device", "cuda"] and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(onnx_artifacts[name]), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_sample_missing_folder(tmp_path):
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "nothing"), "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and "does not exist" in result.output and not (tmp_path / "g.png").exists()
+
+
+def test_providers(onnx_artifacts):
+    with pytest.raises(ValueError, match="provider must be one of"):
+        rt.OnnxSampler(onnx_artifacts["cond"], provider="gpu")
+    assert rt.OnnxSampler(onnx_artifacts["cond"], provider="cpu").provider == "cpu"
+    auto = rt.OnnxSampler(onnx_artifacts["cond"], provider="auto")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if not has_cuda:
+        assert auto.provider == "cpu"
+        with pytest.raises(ValueError, match="provider 'cuda' was asked"):
+            rt.OnnxSampler(onnx_artifacts["cond"], provider="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_io_binding_matches_cpu(onnx_artifacts):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    gpu = rt.OnnxSampler(onnx_artifacts["cond"], provider="cuda")
+    cpu = rt.OnnxSampler(onnx_artifacts["cond"], provider="cpu")
+    assert gpu.provider == "cuda" and gpu.unet.get_providers()[0] == "CUDAExecutionProvider"
+    x_T, _ = cpu.noise(6, 5, seed=0, loop=False)
+    a = gpu.sample(6, steps=5, guidance=3.0, noise=(x_T, None))
+    b = cpu.sample(6, steps=5, guidance=3.0, noise=(x_T, None))
+    assert np.abs(a - b).max() <= 1e-3
