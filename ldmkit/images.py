@@ -70,6 +70,9 @@ def write_images(path, images: np.ndarray, nrow: int = 8) -> Path:
                 f.write(png_bytes(make_grid(images, nrow)))
             else:
                 np.save(f, images)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
