@@ -196,3 +196,36 @@ def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_cli_sample_refuses_bad_checkpoints(tiny_checkpoint, tmp_path):
+    """Truncated, corrupted, wrong-version and shape-mismatched checkpoints: one line, exit 2, no output."""
+    data = tiny_checkpoint.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2],
+             "corrupt.pt": data[:4096] + bytes(b ^ 0xFF for b in data[4096:4160]) + data[4160:]}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**ckpt, "format": {"name": "ldmkit", "version": 99}}, tmp_path / "version.pt")
+    key = next(iter(ckpt["unet"]))
+    torch.save({**ckpt, "unet": {**ckpt["unet"], key: torch.zeros(3, 3)}}, tmp_path / "shape.pt")
+    messages = {"truncated.pt": "not an ldmkit checkpoint", "corrupt.pt": "not an ldmkit checkpoint",
+                "version.pt": "version 99 is not supported", "shape.pt": "has shape (3, 3)"}
+    for name, message in messages.items():
+        out = tmp_path / f"{name}.png"
+        result = CliRunner().invoke(main, ["sample", str(tmp_path / name), "-o", str(out)])
+        assert result.exit_code == 2, (name, result.output)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, (name, result.output)
+        assert not out.exists()
+
+
+def test_cli_sample_unconditional_refuses_class_and_guidance(digits, tmp_path):
+    config = tiny_config(digits, unet_steps=1, vae_steps=1)
+    config.unet.num_classes = 0
+    ckpt = T.train(config, tmp_path / "uncond", device="cpu", progress=False)
+    for args, message in ((["--class", "3"], "the model is unconditional"),
+                          (["--guidance", "2"], "guidance was given but the model is unconditional")):
+        result = CliRunner().invoke(main, ["sample", str(ckpt), "--steps", "3", "-o", str(tmp_path / "g.png"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = CliRunner().invoke(main, ["sample", str(ckpt), "-n", "4", "--steps", "3", "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 0, result.output
