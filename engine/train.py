@@ -1,5 +1,6 @@
 """Training: stage 1 the VAE (L9), stage 2 the class-conditional latent U-Net (L4/L5 with V1 scaling,
-label dropout for classifier-free guidance, warm-up then cosine learning-rate decay), on one process or many (torchrun → DDP).
+label dropout for classifier-free guidance, warm-up then cosine learning-rate decay), on one process or
+many (torchrun → DDP).
 
 Determinism and resume. Every random draw of step s is made from a CPU generator seeded by (seed, stage,
 s), for the whole global batch, and each rank takes its own rows; the batch indices come from a

@@ -73,7 +73,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypa
     before = (out / "checkpoint.pt").read_bytes()
     original = T.D.mse_per_example
     monkeypatch.setattr(T.D, "mse_per_example", lambda p, t: original(p, t) * float("nan"))
-    with pytest.raises(T.TrainingDiverged, match="U-Net loss became nan at step 6.*untouched"):
+    with pytest.raises(T.TrainingDiverged, match=r"U-Net loss became nan at step 6.*untouched"):
         T.train(tiny_config(digits), out, device="cpu", progress=False, resume=True)
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
