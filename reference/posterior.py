@@ -198,23 +198,22 @@ def random_walk_posterior(x0, x_t, t):
     """P8: Inouye's posterior for the random walk (S12): q(x_{t−1} given x_t, x_0) = N((1−1/t)x_t + x_0/t,
     (1−1/t) I), t ≥ 1. Inouye's slides mix std t and variance t; this is the consistent variance-t
     process (q(x_t given x_0) = N(x_0, t I)). Returns (mean, variance)."""
-    x0, x_t = as_float_array(x0, "x0"), as_float_array(x_t, "x_t")
-    check_same_shape(x_t, x0, "x_t", "x0")
-    t = as_float_array(t, "t")
-    if np.any(t < 1):
-        raise ValueError("t must be >= 1 for the random-walk posterior")
-    check_t_batch(t, x_t)
-    tt = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim)) if t.ndim else t
+    x_t, tt, x0 = _random_walk_args(x_t, t, x0, "x0")
     return (1.0 - 1.0 / tt) * x_t + x0 / tt, np.broadcast_to(1.0 - 1.0 / tt, np.shape(tt))
 
 
 def random_walk_mean_from_eps(x_t, t, eps_tilde):
     """P8: the random-walk reverse mean μ_θ = x_t − ε̃_θ/t, where ε̃ = x_t − x_0 is what the model predicts."""
-    x_t, eps_tilde = as_float_array(x_t, "x_t"), as_float_array(eps_tilde, "eps_tilde")
-    check_same_shape(x_t, eps_tilde, "x_t", "eps_tilde")
+    x_t, tt, eps_tilde = _random_walk_args(x_t, t, eps_tilde, "eps_tilde")
+    return x_t - eps_tilde / tt
+
+
+def _random_walk_args(x_t, t, value, name):
+    """(x_t, t shaped to broadcast over x_t, value) checked for the random-walk formulas (t ≥ 1)."""
+    x_t, value = as_float_array(x_t, "x_t"), as_float_array(value, name)
+    check_same_shape(x_t, value, "x_t", name)
     t = as_float_array(t, "t")
     if np.any(t < 1):
         raise ValueError("t must be >= 1 for the random-walk posterior")
     check_t_batch(t, x_t)
-    tt = t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim)) if t.ndim else t
-    return x_t - eps_tilde / tt
+    return x_t, (t.reshape(t.shape + (1,) * (x_t.ndim - t.ndim)) if t.ndim else t), value
