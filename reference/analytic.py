@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._checks import as_float_array, broadcast_t, check_real, check_timesteps, prediction_name
-from .schedules import Schedule
+from .schedules import Schedule, check_schedule
 
 
 def _level(v, x, name):
@@ -175,8 +175,7 @@ def vp_model(data, schedule: Schedule, prediction: str = "eps"):
     array ``y``, row i uses component y[i] (a class-conditional model); y = -1 selects the mixture.
     """
     kind = prediction_name(prediction)
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
 
     def model(x_t, t, y=None):
         x_t = as_float_array(x_t, "x_t")
@@ -206,8 +205,7 @@ def reverse_variance(t, schedule: Schedule, data_var=1.0):
     """P9: the exact variance of q(x_{t−1} given x_t) when the data are N(m, s²) (per dimension):
     with v = ᾱ_{t−1}s² + 1 − ᾱ_{t−1}, Var = v β_t/(α_t v + β_t). At s² = 0 (one-point data) it is β̃_t, at
     s² = 1 (standard normal data) it is β_t: Su's two optimal reverse variances. Shape of t."""
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     t = check_timesteps(t, "t", schedule.T, low=1)
     s2 = check_real(data_var, "data_var", 0.0)
     v = schedule.alpha_bars_prev[t] * s2 + 1.0 - schedule.alpha_bars_prev[t]

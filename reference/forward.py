@@ -9,13 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import as_float_array, broadcast_t, check_t_batch, check_timesteps, draw_noise
-from .schedules import Schedule
-
-
-def _schedule(schedule) -> Schedule:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    return schedule
+from .schedules import Schedule, check_schedule
 
 
 def _x_and_t(x, t, schedule, name="x0", low=0):
@@ -27,7 +21,7 @@ def _x_and_t(x, t, schedule, name="x0", low=0):
 
 def q_sample(x0, t, noise, schedule: Schedule) -> np.ndarray:
     """F2: x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, a draw from q(x_t given x_0); t in 0..T; shape of x0."""
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x0, t = _x_and_t(x0, t, schedule)
     eps = draw_noise(noise, x0.shape)
     return (broadcast_t(schedule.sqrt_alpha_bars, t, x0.ndim) * x0
@@ -36,7 +30,7 @@ def q_sample(x0, t, noise, schedule: Schedule) -> np.ndarray:
 
 def q_step(x_prev, t, noise, schedule: Schedule) -> np.ndarray:
     """F1: one forward step x_t = √α_t x_{t−1} + √(1−α_t) ε; t in 1..T; shape of x_prev."""
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x_prev, t = _x_and_t(x_prev, t, schedule, "x_prev", low=1)
     eps = draw_noise(noise, x_prev.shape)
     return (np.sqrt(broadcast_t(schedule.alphas, t, x_prev.ndim)) * x_prev
@@ -48,7 +42,7 @@ def q_mean_variance(x0, t, schedule: Schedule):
 
     Returns (mean, variance, log_variance); mean has the shape of x0, the others broadcast to it.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x0, t = _x_and_t(x0, t, schedule)
     mean = broadcast_t(schedule.sqrt_alpha_bars, t, x0.ndim) * x0
     var = broadcast_t(1.0 - schedule.alpha_bars, t, x0.ndim)
@@ -61,7 +55,7 @@ def prior_kl(x0, schedule: Schedule) -> np.ndarray:
 
     KL(N(μ, σ²) ‖ N(0, 1)) = ½(μ² + σ² − 1 − log σ²) with μ = √ᾱ_T x_0, σ² = 1 − ᾱ_T (K1 with p = N(0,1)).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x0 = as_float_array(x0, "x0")
     ab = schedule.alpha_bars[-1]
     var = 1.0 - ab

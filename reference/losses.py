@@ -34,17 +34,12 @@ from ._checks import (
 from .forward import prior_kl
 from .kl import discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl, vae_kl
 from .posterior import q_posterior, x0_eps_from_output
-from .schedules import Schedule, su_from_ddpm
+from .schedules import Schedule, check_schedule, su_from_ddpm
 
 _LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _schedule(schedule) -> Schedule:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    return schedule
-
 
 def _batched(x, name: str) -> np.ndarray:
     x = as_float_array(x, name)
@@ -84,7 +79,7 @@ def reverse_variance_table(schedule: Schedule, variance="beta_tilde") -> np.ndar
     fixed_large use β̃_2 at t = 1 instead: pass that table explicitly to reproduce their numbers).
     An array of shape (T+1,) is returned as given (checked: entries 1..T finite and > 0).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     T = schedule.T
     if isinstance(variance, str):
         kind = variance_name(variance)
@@ -135,7 +130,7 @@ def prediction_loss_weight(t, schedule: Schedule, prediction: str = "eps") -> np
 
     (x̂_0 − x_0 = √((1−ᾱ)/ᾱ)(ε − ε̂) and v̂ − v = (ε̂ − ε)/√ᾱ.) t in 1..T, shape of t; inf where ᾱ_t = 0.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     kind = prediction_name(prediction)
     t = _t(t, schedule)
     ab = schedule.alpha_bars[t]
@@ -154,7 +149,7 @@ def prediction_loss(model_output, x0, eps, x_t, t, schedule: Schedule, predictio
     ``prediction_loss_weight(t, schedule, prediction)`` times the ε-loss of the ε_θ that the output converts
     to. ``x_t`` must be √ᾱ_t x_0 + √(1−ᾱ_t) ε (checked to 1e-6 relative: a mismatched t or noise raises).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     kind = prediction_name(prediction)
     out = _batched(model_output, "model_output")
     x0, eps = _pair(x0, eps, "x0", "eps")
@@ -179,7 +174,7 @@ def min_snr_weight(t, schedule: Schedule, gamma: float = 5.0, prediction: str = 
     With ``prediction_loss_weight`` (L5) every choice gives the same effective weight min(SNR, γ)/SNR on
     the ε-loss, i.e. min(SNR, γ) on the x_0-loss. t in 1..T, gamma > 0; shape of t.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     kind = prediction_name(prediction)
     gamma = check_real(gamma, "gamma", 0.0, low_open=True)
     t = _t(t, schedule)
@@ -204,7 +199,7 @@ def vlb_weight(t, schedule: Schedule, variance="beta_tilde") -> np.ndarray:
     weight of Ho et al.'s Gaussian approximation of it (with σ_1² = β̃_2 for "beta_tilde"): finite,
     unlike ``vlb_weight_snr(1)``.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     t = _t(t, schedule)
     sigma2 = reverse_variance_table(schedule, variance)[t]
     b, a, ab = schedule.betas[t], schedule.alphas[t], schedule.alpha_bars[t]
@@ -220,7 +215,7 @@ def vlb_weight_snr(t, schedule: Schedule) -> np.ndarray:
     and the VLB uses the decoder term instead (see ``vlb_weight(1, ...)`` for its finite approximation).
     Also +inf where SNR(t) = 0 (zero terminal SNR).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     t = _t(t, schedule)
     snr_prev, snr = schedule.snr[t - 1], schedule.snr[t]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -260,7 +255,7 @@ def vlb_terms(model, x0, schedule: Schedule, noise, variance="beta_tilde", predi
     Returns a dict: "prior" (B,), "terms" (B, T) with terms[:, t−1] = L_{t−1}, "total" (B,) = prior +
     Σ terms, "mse" (B, T) mean (ε − ε̂)², "x0_mse" (B, T) mean (x_0 − x̂_0)², "dims" D (int).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     if not callable(model):
         raise TypeError(f"model must be callable as model(x_t, t, y), got {type(model).__name__}")
     x0 = _batched(x0, "x0")
@@ -327,7 +322,7 @@ def su_one_step_loss(x_prev, x_t, eps_pred, t, schedule: Schedule) -> np.ndarray
     x_t = α_t x_{t−1} + β_t ε_t, so the loss is (β_t²/α_t²)·‖ε_t − ε_θ‖². eps_pred = ε_θ(x_t, t), the
     model's estimate of the one-step noise ε_t. t in 1..T.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x_prev, x_t = _pair(x_prev, x_t, "x_prev", "x_t")
     eps_pred = _batched(eps_pred, "eps_pred")
     check_same_shape(x_t, eps_pred, "x_t", "eps_pred")
@@ -344,7 +339,7 @@ def su_variance_reduced_loss(eps, eps_pred, t, schedule: Schedule) -> np.ndarray
     With ``su_loss_relation``: E_ω[su_one_step_loss] = weight·su_variance_reduced_loss + constant, where
     the expectation is over the part ω of the step noise that is independent of x_t. t in 1..T.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     eps, eps_pred = _pair(eps, eps_pred, "eps", "eps_pred")
     t = _t(t, schedule, eps)
     _, beta, _, beta_bar = su_from_ddpm(schedule)
@@ -360,7 +355,7 @@ def su_loss_relation(t, schedule: Schedule):
     ε_t = (β_t ε − α_t β̄_{t−1} ω)/β̄_t, so weight = β_t⁴/(α_t² β̄_t²) and constant = β_t² β̄_{t−1}²/β̄_t².
     In DDPM notation: weight = β_t²/(α_t(1−ᾱ_t)), constant = β̃_t.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     t = _t(t, schedule)
     alpha, beta, _, beta_bar = su_from_ddpm(schedule)
     weight = beta[t] ** 4 / (alpha[t] ** 2 * beta_bar[t] ** 2)
@@ -432,7 +427,7 @@ def dsm_loss(score_pred, x0, x_t, t, schedule: Schedule) -> np.ndarray:
 
     (1−ᾱ_t)·dsm_loss equals simple_loss for ε_θ = −√(1−ᾱ_t)·s_θ (L4), the usual λ(t) = σ_t² weighting.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     score_pred = _batched(score_pred, "score_pred")
     x0, x_t = _pair(x0, x_t, "x0", "x_t")
     check_same_shape(score_pred, x_t, "score_pred", "x_t")

@@ -17,12 +17,11 @@ from ._checks import (
     check_timesteps,
     prediction_name,
 )
-from .schedules import Schedule
+from .schedules import Schedule, check_schedule
 
 
 def _prep(x_t, t, value, schedule, value_name, low=1):
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     x_t = as_float_array(x_t, "x_t")
     value = as_float_array(value, value_name)
     check_same_shape(x_t, value, "x_t", value_name)
@@ -67,8 +66,7 @@ def ddim_sigma(t, t_prev, eta: float, schedule: Schedule):
 
     η = 1 gives DDPM's β̃_t when t_prev = t−1; η = 0 is deterministic (DDIM). Shape of t.
     """
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     t = check_timesteps(t, "t", schedule.T, low=1)
     t_prev = check_timesteps(t_prev, "t_prev", schedule.T, low=0)
     if np.any(t_prev >= t):

@@ -37,7 +37,7 @@ from ._checks import (
     variance_name,
 )
 from .posterior import ddim_posterior, ddim_sigma, q_posterior, random_walk_mean_from_eps, x0_eps_from_output
-from .schedules import Schedule, su_from_ddpm, ve_sde_sigma, vp_sde_beta, vp_sde_marginal
+from .schedules import Schedule, check_schedule, su_from_ddpm, ve_sde_sigma, vp_sde_beta, vp_sde_marginal
 
 __all__ = [
     "VESDE", "VPSDE", "annealed_langevin_sample", "cfg", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
@@ -52,11 +52,6 @@ SU_SIGMAS = ("beta", "beta_tilde", "zero")
 # --------------------------------------------------------------------------------------------------------
 # private helpers
 # --------------------------------------------------------------------------------------------------------
-
-def _schedule(schedule) -> Schedule:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    return schedule
 
 
 def _callable(fn, name: str):
@@ -162,7 +157,7 @@ def ddpm_step(model_output, x_t, t, schedule: Schedule, variance: str = "beta_ti
     Shapes: model_output and x_t (B, ...); t scalar or (B,) in 1..T; noise an array (B, ...) or a
     Generator, and may be None where every t is 1. Returns x_{t−1}, (B, ...).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     kind = variance_name(variance)
     x_t = _batch(x_t, "x_t")
     t = check_timesteps(t, "t", schedule.T, low=1)
@@ -191,7 +186,7 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
     with σ² ≤ 1 − ᾱ_prev; noise an array (B, ...) or a Generator, and may be None where σ = 0.
     Returns x_prev, (B, ...).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     x_t = _batch(x_t, "x_t")
     t = check_timesteps(t, "t", schedule.T, low=1)
     t_prev = check_timesteps(t_prev, "t_prev", schedule.T, low=0)
@@ -224,7 +219,7 @@ def ddpm_sample(model, x_T, schedule: Schedule, variance: str = "beta_tilde", no
     the parent's timesteps ``timestep_map[t]``. Shapes: x_T (B, ...); noise a Generator or an array
     (schedule.T, *x_T.shape), slot i used at t = T − i (slot T−1, for t = 1, is ignored).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     _callable(model, "model")
     variance_name(variance)
     prediction_name(prediction)
@@ -247,7 +242,7 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
     (B, ...); noise a Generator or an array (len(timesteps), *x_T.shape), slot i used at step i (ignored
     where σ = 0: always at the last step, every step when η = 0).
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     _callable(model, "model")
     prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
@@ -266,7 +261,7 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
 
 def _ode_sample(model, x_T, schedule, timesteps, prediction, y, clip, return_trajectory, second_order):
     """EDM's sampler on dx̃/dσ = ε̂ (A5), σ = √(1/ᾱ − 1), x̃ = x/√ᾱ; Euler, or Heun except on the last step."""
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     _callable(model, "model")
     prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
@@ -323,7 +318,7 @@ def dpmpp_2m_sample(model, x_T, schedule: Schedule, timesteps, prediction: str =
     the last step, to t = 0, returns x̂_0 (as k-diffusion when σ_next = 0). One model call per timestep.
     This VP form is k-diffusion's x̃ = x/√ᾱ form multiplied through by √ᾱ_{i+1}. Shapes as ``ddim_sample``.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     _callable(model, "model")
     prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
@@ -358,7 +353,7 @@ def su_sample(model, x_T, schedule: Schedule, noise=None, sigma: str = "beta", p
     The same numbers as ``ddpm_sample`` with variance 'beta'/'beta_tilde' on the same noise.
     Shapes: x_T (B, ...); noise a Generator or an array (T, *x_T.shape), slot i used at t = T − i.
     """
-    schedule = _schedule(schedule)
+    schedule = check_schedule(schedule)
     _callable(model, "model")
     prediction_name(prediction)
     names = (*SU_SIGMAS, "fixed_large", "fixed_small")

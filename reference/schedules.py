@@ -165,6 +165,13 @@ class Schedule:
         return bool(self.alpha_bars[-1] == 0.0)
 
 
+def check_schedule(schedule) -> Schedule:
+    """``schedule`` itself if it is a ``Schedule``; TypeError naming the argument otherwise."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    return schedule
+
+
 def timesteps(num_steps: int, T: int, spacing: str = "linspace", offset: int = 0) -> np.ndarray:
     """S9: N sampling timesteps in math t (1..T), descending, by diffusers' spacing definitions (k = t−1).
 
@@ -193,8 +200,7 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     ᾱ'_i = ᾱ_{τ_i}, β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}} (τ_0 = 0, ᾱ_0 = 1); ``timestep_map[i]`` is the parent's
     model timestep for τ_i, so a model is still called with the timesteps it was trained on.
     """
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     tau = np.asarray(timesteps)
     if tau.ndim != 1 or tau.size < 1 or not np.issubdtype(tau.dtype, np.integer):
         raise ValueError(f"timesteps must be a non-empty 1-D integer array, got shape {tau.shape} dtype {tau.dtype}")
@@ -273,8 +279,7 @@ def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0):
 def su_from_ddpm(schedule: Schedule):
     """S4/Su notation: Su's α_t, β_t are the square roots of DDPM's (his α_t² + β_t² = 1), his ᾱ_t is
     √(DDPM ᾱ_t) and his β̄_t = √(1 − DDPM ᾱ_t). Returns (alpha, beta, alpha_bar, beta_bar), each (T+1,)."""
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     return (np.sqrt(schedule.alphas), np.sqrt(schedule.betas), schedule.sqrt_alpha_bars,
             schedule.sqrt_one_minus_alpha_bars)
 
@@ -296,8 +301,7 @@ def su_log_alpha_bar_bound(T: int) -> float:
 def su_merged_noise_variance(schedule: Schedule, t: int) -> float:
     """F3: variance of Su's merged noise Σ_{i≤t} (α_t⋯α_{i+1})β_i ε_i (Su notation, eq. 1.3), computed
     term by term. Su's eq. 1.4 says it equals 1 − ᾱ_t(Su)² = 1 − DDPM ᾱ_t."""
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_schedule(schedule)
     t = check_int(t, "t", 0, schedule.T)
     a_su, b_su, _, _ = su_from_ddpm(schedule)
     total = 0.0
