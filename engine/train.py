@@ -257,11 +257,19 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         if run.world > 1:
             dist.barrier()
 
-    def finite_or_stop(loss: float, stage: str, s: int):
-        if not math.isfinite(loss):
+    def update(loss, module, opt, stage: str) -> float:
+        """Backward, clip, and step, unless the loss (averaged over ranks) is not finite: then stop with the
+        parameters and the last checkpoint untouched. Returns the averaged loss."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
+        value = _all_mean(loss, run)
+        if not math.isfinite(value):
             log.close()
-            raise TrainingDiverged(f"the {stage} loss became {loss} at step {s}: training stopped; the last good "
+            raise TrainingDiverged(f"the {stage} loss became {value} at step {step}: training stopped; the last good "
                                    f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is untouched")
+        opt.step()
+        return value
 
     # ---------------------------------------------------------------- stage 1: the VAE
     opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=tc.weight_decay)
@@ -282,12 +290,7 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
             noise = _rows(torch.randn((tc.vae_batch_size, *config.vae.latent_shape), generator=g), run).to(run.device)
             with autocast:
                 loss, mse, kl = vae_loss(model, x, noise, config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
-            value = _all_mean(loss, run)
-            finite_or_stop(value, "VAE", step)
-            opt.step()
+            value = update(loss, vae, opt, "VAE")
             step += 1
             record = {"stage": "vae", "step": step, "loss": value, "recon_mse": float(mse), "kl": float(kl),
                       "images_per_s": tc.vae_batch_size / (time.perf_counter() - t0),
@@ -342,12 +345,7 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         with autocast:
             pred = compiled(x_t, t, y)
         loss = D.mse_per_example(pred, D.training_target(z0, eps, x_t, t, schedule, config.diffusion.prediction)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), tc.grad_clip)
-        value = _all_mean(loss, run)
-        finite_or_stop(value, "U-Net", step)
-        opt.step()
+        value = update(loss, unet, opt, "U-Net")
         ema.update_parameters(unet)
         step += 1
         record = {"stage": "unet", "step": step, "loss": value, "lr": opt.param_groups[0]["lr"],
