@@ -164,14 +164,15 @@ def _providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """All graph optimizations, warnings off, no spin-waiting between runs (idle threads would take the CPU
-    from the host's own work, torch's thread pool included); ``threads`` intra-op threads (None: ONNX
-    Runtime's default, one per physical core)."""
+def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
+    """All graph optimizations, warnings off; ``threads`` intra-op threads (None: ONNX Runtime's default, one
+    per physical core); ``spinning``: idle worker threads spin-wait for the next operator (ONNX Runtime's
+    default; 10–20% faster at small batches here) rather than sleep — pass False where the host needs the
+    cores for its own work between calls."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
     return opts
@@ -202,9 +203,9 @@ def check_session(session: ort.InferenceSession, entry: dict, role: str, digest:
 class OnnxSampler:
     """An exported artifact, loaded and checked (see the module docstring). ``provider``: 'auto' (CUDA where
     it loads, else CPU), 'cpu' or 'cuda' (ValueError rather than a silent CPU fallback); ``.provider`` is
-    what runs. ``threads``: ONNX Runtime intra-op threads (None: its default)."""
+    what runs. ``threads``, ``spinning``: ONNX Runtime's thread pool (see ``session_options``)."""
 
-    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, path, provider: str = "auto", threads: int | None = None, spinning: bool = True):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.model = self.manifest["model"]
@@ -214,7 +215,7 @@ class OnnxSampler:
         self._digest = model_digest(self.model)
         self._blobs = {role: _read_checked(self.path, self.manifest["files"][role]) for role in FILES}
         self._providers = _providers(provider)
-        self._options = session_options(threads)
+        self._options = session_options(threads, spinning)
         self.unet = self._session("unet")
         self.decoder = self._session("vae_decoder")
         self._graph = None

@@ -63,6 +63,20 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
     assert [i["name"] for i in uncond["files"]["sampler"]["inputs"]] == ["noise", "steps"]
 
 
+def test_exported_attention_transposes_fold_into_matmuls(onnx_artifacts):
+    """The U-Net's attention exports as MatMuls on channel-major views: its only Transposes are a MatMul's
+    operand, which ONNX Runtime folds into the MatMul. Standalone Transposes (what scaled_dot_product_attention
+    exported) cost ONNX Runtime about 25% of the demo U-Net's time (BENCHMARKS.md). 7 attention blocks here."""
+    graph = onnx.load(onnx_artifacts["uncond"] / "unet.onnx").graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    transposes = [node for node in graph.node if node.op_type == "Transpose"]
+    assert sum(node.op_type == "Softmax" for node in graph.node) == 7 and len(transposes) == 14
+    assert all(consumers[node.output[0]] == ["MatMul"] for node in transposes)
+
+
 @pytest.mark.parametrize("name", ["cond", "uncond"])
 def test_unet_and_decoder_match_torch_at_two_batch_sizes(onnx_artifacts, torch_models, name):
     """Independent of the export's own check: other random inputs, batch sizes 1, 2 and 7."""
