@@ -253,6 +253,25 @@ def test_providers(onnx_artifacts):
             rt.OnnxSampler(onnx_artifacts["cond"], provider="cuda")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_cuda_listed_but_not_loadable_is_refused(onnx_artifacts, tmp_path, monkeypatch):
+    """onnxruntime-gpu on a machine without CUDA lists CUDAExecutionProvider, then runs the session on the CPU
+    (seen with onnxruntime-gpu 1.31.1 here: "libcublasLt.so.13: cannot open shared object file"). Listing it
+    on this CPU build gives the same session: 'cuda' must fail, 'auto' must say it runs on the CPU."""
+    real = ort.get_available_providers()
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    if "CUDAExecutionProvider" in real:
+        pytest.skip("this onnxruntime has CUDA: the fallback cannot be staged")
+    with pytest.raises(ValueError, match=r"could not load its CUDA provider \(the session runs on "
+                                         r"\['CPUExecutionProvider'\]\); refusing to fall back to CPU"):
+        rt.OnnxSampler(onnx_artifacts["cond"], provider="cuda")
+    assert rt.OnnxSampler(onnx_artifacts["cond"], provider="auto").provider == "cpu"
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["sample", str(onnx_artifacts["cond"]), "-o", str(out), "--device", "cuda"])
+    assert result.exit_code == 2 and "refusing to fall back to CPU" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
 @pytest.mark.gpu
 def test_cuda_io_binding_matches_cpu(onnx_artifacts):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
