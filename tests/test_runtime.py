@@ -259,9 +259,9 @@ def test_cuda_listed_but_not_loadable_is_refused(onnx_artifacts, tmp_path, monke
     (seen with onnxruntime-gpu 1.31.1 here: "libcublasLt.so.13: cannot open shared object file"). Listing it
     on this CPU build gives the same session: 'cuda' must fail, 'auto' must say it runs on the CPU."""
     real = ort.get_available_providers()
-    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
     if "CUDAExecutionProvider" in real:
         pytest.skip("this onnxruntime has CUDA: the fallback cannot be staged")
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
     with pytest.raises(ValueError, match=r"could not load its CUDA provider \(the session runs on "
                                          r"\['CPUExecutionProvider'\]\); refusing to fall back to CPU"):
         rt.OnnxSampler(onnx_artifacts["cond"], provider="cuda")
