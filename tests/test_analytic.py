@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from independent import alpha_bar_indep, log_normal
 
 from ldmkit.reference import analytic, posterior, schedules
 from ldmkit.reference.schedules import Schedule
@@ -22,15 +23,6 @@ MIX2 = analytic.GaussianMixtureData(weights=[0.2, 0.5, 0.3], means=[[-2.0, 0.0],
                                     vars=[0.3, 0.1, 0.5])
 MIX1 = analytic.GaussianMixtureData(weights=[0.3, 0.45, 0.25], means=[[-2.0], [0.5], [3.0]], vars=[0.2, 0.05, 1.0])
 LEVELS = [(0.8, 0.6), (1.0, 2.0), (0.1, math.sqrt(0.99)), (1.0, math.sqrt(3.0))]  # VP, VE, VP noisy, random walk
-
-
-def alpha_bar_indep(betas) -> np.ndarray:
-    b = np.asarray(betas, dtype=np.float64)
-    return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-b))]))
-
-
-def log_normal(x, mean, var):
-    return -0.5 * np.log(2 * np.pi * var) - 0.5 * (x - mean) ** 2 / var
 
 
 def mixture_logpdf_indep(x, data, a, sigma):

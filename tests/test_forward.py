@@ -10,14 +10,10 @@ import math
 
 import numpy as np
 import pytest
+from independent import alpha_bar_indep
 
 from ldmkit.reference import forward, kl, schedules
 from ldmkit.reference.schedules import Schedule
-
-
-def alpha_bar_indep(betas) -> np.ndarray:
-    b = np.asarray(betas, dtype=np.float64)
-    return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-b))]))
 
 
 def assert_moments(x, mean, var, axis=-1):

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from independent import log_normal
 
 from ldmkit.reference import kl
 
@@ -35,10 +36,6 @@ def log_std_normal_mass(a, b):
         return -0.5 * math.log(2 * math.pi) - a * a / 2 + math.log(val)
     lo, hi = max(a, -40.0), min(b, 40.0)
     return math.log(integrate(lambda z: np.exp(-z * z / 2) / math.sqrt(2 * math.pi), lo, hi))
-
-
-def log_normal(x, mean, var):
-    return -0.5 * np.log(2 * np.pi * var) - 0.5 * (x - mean) ** 2 / var
 
 
 # ------------------------------------------------------------------------------------------------ K1

@@ -11,21 +11,13 @@ import math
 
 import numpy as np
 import pytest
+from independent import alpha_bar_indep, log_normal
 
 from ldmkit.reference import posterior, schedules
 from ldmkit.reference.schedules import Schedule
 
 LINEAR = Schedule.named("linear", 1000)
 COSINE = Schedule.named("cosine", 1000)
-
-
-def alpha_bar_indep(betas) -> np.ndarray:
-    b = np.asarray(betas, dtype=np.float64)
-    return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-b))]))
-
-
-def log_normal(x, mean, var):
-    return -0.5 * np.log(2 * np.pi * var) - 0.5 * (x - mean) ** 2 / var
 
 
 def grid_moments(log_density, lo, hi, h):

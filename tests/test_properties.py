@@ -15,6 +15,7 @@ import os
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from independent import alpha_bar_indep
 
 from ldmkit.reference import kl, posterior, schedules
 from ldmkit.reference.schedules import Schedule
@@ -25,10 +26,6 @@ SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None)
 finite = st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False)
 logvars = st.floats(-6.0, 4.0, allow_nan=False, allow_infinity=False)
 betas_st = st.lists(st.floats(1e-5, 0.6, allow_nan=False), min_size=2, max_size=40).map(np.array)
-
-
-def alpha_bar_indep(betas) -> np.ndarray:
-    return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-np.asarray(betas, dtype=np.float64)))]))
 
 
 @st.composite

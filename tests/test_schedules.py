@@ -11,15 +11,10 @@ import math
 
 import numpy as np
 import pytest
+from independent import alpha_bar_indep
 
 from ldmkit.reference import forward, posterior, schedules
 from ldmkit.reference.schedules import Schedule
-
-
-def alpha_bar_indep(betas) -> np.ndarray:
-    """ᾱ_0..ᾱ_T from β_1..β_T as exp of a running sum of log(1 − β) (not a running product)."""
-    b = np.asarray(betas, dtype=np.float64)
-    return np.exp(np.concatenate([[0.0], np.cumsum(np.log1p(-b))]))
 
 
 def linear_indep(T, b1, bT):
