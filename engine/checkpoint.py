@@ -7,13 +7,12 @@ Keys: ``format`` {"name": "ldmkit", "version": 1}, ``config`` (``Config.to_dict(
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 import zipfile
 from pathlib import Path
 
 import torch
+
+from ldmkit.common import atomic_write, one_line
 
 from .config import Config
 from .models import VAE, UNet
@@ -32,28 +31,11 @@ def make_checkpoint(config: Config, vae: dict, unet: dict, ema: dict, optimizer:
 
 
 def save_checkpoint(path, ckpt: dict) -> None:
-    """Validate ``ckpt`` and write it to ``path`` atomically: a temporary file in the same folder, flushed
-    and fsynced, then renamed over ``path``. On any failure the temporary file is removed and an existing
-    ``path`` is left as it was."""
-    path = Path(path)
+    """Validate ``ckpt`` and write it to ``path`` all or nothing (``common.atomic_write``): on any failure an
+    existing ``path`` is left as it was and no temporary file remains."""
     validate_checkpoint(ckpt, str(path))
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
 
 
 def load_checkpoint(path) -> dict:
@@ -72,7 +54,7 @@ def load_checkpoint(path) -> dict:
             raise ValueError(f"member {bad} fails its CRC check: the file is corrupt")
         ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # zipfile and torch raise many types for a non-torch, truncated or foreign file
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reason = one_line(exc, limit=160, first=True)
         raise ValueError(f"{path} is not an ldmkit checkpoint: not a readable torch file ({reason})") from exc
     validate_checkpoint(ckpt, str(path))
     return ckpt

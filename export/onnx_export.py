@@ -26,7 +26,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ldmkit import __version__
+from ldmkit.common import __version__, one_line
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.sample import SPACING, generate, models_from_checkpoint
 from ldmkit.reference.schedules import Schedule, timesteps
@@ -98,7 +98,7 @@ def _session(data: bytes, role: str) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(data, rt.session_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = one_line(exc, limit=200, first=True)
         raise ExportError(f"onnxruntime {ort.__version__} cannot load the exported {role}: {reason}") from exc
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit import __version__
+from ldmkit.common import __version__, one_line
 from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, respace, timesteps
 
@@ -233,7 +233,7 @@ class OnnxSampler:
         try:
             session = ort.InferenceSession(self._blobs[role], self._options, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            reason = one_line(exc, limit=160, first=True)
             raise ValueError(f"{source} cannot be loaded by onnxruntime {ort.__version__}: {reason}") from exc
         check_session(session, entry, role, self._digest, source)
         return session

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from ldmkit.common import atomic_write
 
 from . import analytic, forward, kl, losses, posterior, samplers, schedules
 
@@ -178,14 +179,12 @@ CASES = {"schedules": case_schedules, "forward_posterior": case_forward_posterio
 
 def _write_npz(path: Path, arrays: dict) -> None:
     """Write ``arrays`` as an .npz with fixed timestamps and sorted keys (reproducible bytes), atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with atomic_write(path) as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key in sorted(arrays):
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.array(arrays[key], order="C"), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -212,9 +211,8 @@ def regen(directory) -> list[str]:
         entries.append({"file": path.name, "generator": f"{__name__}.{fn.__name__}", "sha256": _sha256(path),
                         "description": " ".join(fn.__doc__.split("\n\n")[0].split())})
     manifest = {"version": VERSION, "rtol": RTOL, "files": entries}
-    tmp = directory / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / "manifest.json")
+    with atomic_write(directory / "manifest.json", binary=False) as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
     return [e["file"] for e in entries] + ["manifest.json"]
 
 

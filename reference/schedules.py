@@ -7,7 +7,7 @@ The ``*_betas`` functions return the T noisy betas β_1..β_T (length T); ``Sche
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -103,6 +103,20 @@ class Schedule:
 
     betas: np.ndarray
     timestep_map: np.ndarray
+    # the derived tables, computed by __post_init__ (declared here so that type checkers see them)
+    alphas: np.ndarray = field(init=False, repr=False)
+    alpha_bars: np.ndarray = field(init=False, repr=False)
+    alpha_bars_prev: np.ndarray = field(init=False, repr=False)
+    sqrt_alpha_bars: np.ndarray = field(init=False, repr=False)
+    sqrt_one_minus_alpha_bars: np.ndarray = field(init=False, repr=False)
+    sqrt_recip_alpha_bars: np.ndarray = field(init=False, repr=False)
+    sqrt_recipm1_alpha_bars: np.ndarray = field(init=False, repr=False)
+    snr: np.ndarray = field(init=False, repr=False)
+    log_snr: np.ndarray = field(init=False, repr=False)
+    posterior_variance: np.ndarray = field(init=False, repr=False)
+    posterior_log_variance_clipped: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef1: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef2: np.ndarray = field(init=False, repr=False)
 
     @property
     def T(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from ldmkit import __version__
+from ldmkit.common import __version__, atomic_write, one_line
 
 #: Exceptions that mean "bad input" (arguments, files, data), reported as one line with exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
@@ -42,12 +42,6 @@ class CommandError(click.ClickException):
     """A user-facing error: click prints ``Error: <message>`` on stderr and exits with status 2."""
 
     exit_code = USER_ERROR_EXIT
-
-
-def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` as a single line (its class name when the message is empty)."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> CommandError | None:
@@ -352,7 +346,6 @@ def evaluate(checkpoint, nll_images, per_class, seed, device, output):
         result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed)
     for key, value in result.items():
         click.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(output)
+    with atomic_write(output, binary=False) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
     click.echo(f"wrote {output}")

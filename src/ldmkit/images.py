@@ -1,15 +1,16 @@
-"""Image output shared by the engine and the ONNX runtime: a grid of images, a PNG writer (zlib + struct,
-no Pillow) and the ``-o grid.png | images.npy`` convention of the command line. NumPy only."""
+"""Image output shared by the engine, the ONNX runtime and the command line: a grid of images, a PNG writer
+(zlib + struct, no Pillow) and the ``-o grid.png | images.npy`` convention. NumPy only (never torch or click)."""
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from ldmkit.common import atomic_write
 
 
 def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
@@ -60,21 +61,12 @@ def check_output_path(path) -> Path:
 
 def write_images(path, images: np.ndarray, nrow: int = 8) -> Path:
     """Write images (N, C, H, W) in [0, 1]: a PNG grid for ``.png``, the float32 array for ``.npy``.
-    Atomic: a temporary file in the same folder renamed into place, so no partial output is left."""
+    All or nothing (``common.atomic_write``): no partial output is ever left."""
     path = check_output_path(path)
     images = np.asarray(images, dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix.lower() == ".png":
-                f.write(png_bytes(make_grid(images, nrow)))
-            else:
-                np.save(f, images)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        if path.suffix.lower() == ".png":
+            f.write(png_bytes(make_grid(images, nrow)))
+        else:
+            np.save(f, images)
     return path
