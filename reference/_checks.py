@@ -10,7 +10,10 @@ import numbers
 
 import numpy as np
 
-PREDICTIONS = {"eps": "eps", "epsilon": "eps", "x0": "x0", "sample": "x0", "v": "v", "v_prediction": "v"}
+PREDICTIONS = ("eps", "x0", "v")
+"""What a model predicts (P3): the noise ε, the clean sample x_0, or v = √ᾱ_t ε − √(1−ᾱ_t) x_0."""
+
+PREDICTION_ALIASES = {"eps": "eps", "epsilon": "eps", "x0": "x0", "sample": "x0", "v": "v", "v_prediction": "v"}
 """Prediction-type names and their diffusers aliases, mapped to ldmkit's canonical name."""
 
 VARIANCES = {"beta_tilde": "beta_tilde", "fixed_small": "beta_tilde", "beta": "beta", "fixed_large": "beta"}
@@ -72,9 +75,9 @@ def check_timesteps(t, name: str, T: int, low: int = 1) -> np.ndarray:
 
 def prediction_name(prediction: str) -> str:
     """Canonical prediction name for ``prediction`` ('eps', 'x0' or 'v', or a diffusers alias)."""
-    if not isinstance(prediction, str) or prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {sorted(PREDICTIONS)}, got {prediction!r}")
-    return PREDICTIONS[prediction]
+    if not isinstance(prediction, str) or prediction not in PREDICTION_ALIASES:
+        raise ValueError(f"prediction must be one of {sorted(PREDICTION_ALIASES)}, got {prediction!r}")
+    return PREDICTION_ALIASES[prediction]
 
 
 def variance_name(variance: str) -> str:
@@ -91,6 +94,14 @@ def broadcast_t(values: np.ndarray, t: np.ndarray, ndim: int) -> np.ndarray:
     if v.ndim == 0 or ndim == 0:
         return v
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def gather(values: np.ndarray, t, ndim: int):
+    """``values[t]``: a Python float for an integer t (what the sampling loops pass: a float multiplies NumPy
+    arrays and torch tensors alike, in their own dtype), else as ``broadcast_t`` for per-example t."""
+    if isinstance(t, (int, np.integer)):
+        return float(values[t])
+    return broadcast_t(values, t, ndim)
 
 
 def check_same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:

@@ -9,15 +9,23 @@ from __future__ import annotations
 import numpy as np
 
 from ._checks import (
+    PREDICTIONS,
     as_float_array,
     broadcast_t,
     check_real,
     check_same_shape,
     check_t_batch,
     check_timesteps,
+    gather,
     prediction_name,
 )
 from .schedules import Schedule, check_schedule
+
+__all__ = ["PREDICTIONS", "ddim_coefficients", "ddim_posterior", "ddim_sigma", "denoised", "eps_from_score",
+           "eps_from_v", "eps_from_x0", "gaussian_product", "mean_from_eps", "posterior_mean", "q_posterior",
+           "random_walk_mean_from_eps",
+           "random_walk_posterior", "score_from_eps", "v_from_eps", "v_from_x0", "x0_eps_from_output", "x0_from_eps",
+           "x0_from_v"]
 
 
 def _prep(x_t, t, value, schedule, value_name, low=1):
@@ -43,8 +51,15 @@ def q_posterior(x0, x_t, t, schedule: Schedule):
     """
     x_t, t, x0 = _prep(x_t, t, x0, schedule, "x0")
     nd = x_t.ndim
-    mean = _tab(schedule, "posterior_mean_coef1", t, nd) * x0 + _tab(schedule, "posterior_mean_coef2", t, nd) * x_t
+    mean = posterior_mean(x0, x_t, t, schedule)
     return mean, _tab(schedule, "posterior_variance", t, nd), _tab(schedule, "posterior_log_variance_clipped", t, nd)
+
+
+def posterior_mean(x0, x_t, t, schedule: Schedule):
+    """P1's mean μ̃_t = √ᾱ_{t−1}β_t/(1−ᾱ_t)·x_0 + √α_t(1−ᾱ_{t−1})/(1−ᾱ_t)·x_t, unchecked (the kernel of
+    ``q_posterior`` and of the DDPM step); t an int or a per-example int array, as ``denoised``."""
+    nd = x_t.ndim
+    return gather(schedule.posterior_mean_coef1, t, nd) * x0 + gather(schedule.posterior_mean_coef2, t, nd) * x_t
 
 
 def gaussian_product(mu1, cov1, mu2, cov2):
@@ -71,9 +86,29 @@ def ddim_sigma(t, t_prev, eta: float, schedule: Schedule):
     t_prev = check_timesteps(t_prev, "t_prev", schedule.T, low=0)
     if np.any(t_prev >= t):
         raise ValueError("t_prev must be smaller than t")
-    eta = check_real(eta, "eta", 0.0)
-    ab, abp = schedule.alpha_bars[t], schedule.alpha_bars[t_prev]
-    return eta * np.sqrt((1.0 - abp) / (1.0 - ab)) * np.sqrt(1.0 - ab / abp)
+    return _ddim_sigma(schedule.alpha_bars[t], schedule.alpha_bars[t_prev], check_real(eta, "eta", 0.0))
+
+
+def _ddim_sigma(ab, ab_prev, eta):
+    """P7 on ᾱ_t and ᾱ_{t_prev} (floats or arrays), unchecked."""
+    return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
+
+
+def ddim_coefficients(t, t_prev, eta, schedule: Schedule, ndim: int = 0, sigma=None):
+    """P6 with P7, unchecked (the kernel of ``ddim_step``, the DDIM loop and sampler.onnx's graph):
+    (ζ, ξ, σ) such that x_{t_prev} = ζ·x̂_0 + ξ·x_t + σ·z, with σ = σ_t(η) (or ``sigma`` as given),
+    ξ = √(1−ᾱ_{t_prev}−σ²)/√(1−ᾱ_t) and ζ = √ᾱ_{t_prev} − ξ√ᾱ_t.
+
+    t, t_prev: ints (floats come back) or per-example int arrays (arrays shaped to broadcast over ``ndim``).
+    """
+    ab_prev = gather(schedule.alpha_bars, t_prev, ndim)
+    if sigma is None:
+        sigma = _ddim_sigma(gather(schedule.alpha_bars, t, ndim), ab_prev, eta)
+    xi = np.sqrt(np.maximum(1.0 - ab_prev - sigma**2, 0.0)) / gather(schedule.sqrt_one_minus_alpha_bars, t, ndim)
+    zeta = np.sqrt(ab_prev) - xi * gather(schedule.sqrt_alpha_bars, t, ndim)
+    if isinstance(t, (int, np.integer)):
+        return float(zeta), float(xi), float(sigma)
+    return zeta, xi, sigma
 
 
 def ddim_posterior(x0, x_t, t, t_prev, sigma, schedule: Schedule):
@@ -91,31 +126,30 @@ def ddim_posterior(x0, x_t, t, t_prev, sigma, schedule: Schedule):
     sigma = as_float_array(sigma, "sigma")
     check_t_batch(sigma, x_t, "sigma")
     nd = x_t.ndim
-    abp = _tab(schedule, "alpha_bars", t_prev, nd)
     sig = sigma.reshape(sigma.shape + (1,) * (nd - sigma.ndim)) if sigma.ndim else sigma
-    room = 1.0 - abp - sig**2
-    if np.any(sigma < 0) or np.any(room < -1e-12):
+    if np.any(sigma < 0) or np.any(1.0 - _tab(schedule, "alpha_bars", t_prev, nd) - sig**2 < -1e-12):
         raise ValueError("sigma must satisfy 0 <= sigma_t**2 <= 1 - alpha_bar[t_prev] (P6)")
-    xi = np.sqrt(np.maximum(room, 0.0)) / _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd)
-    zeta = np.sqrt(abp) - xi * _tab(schedule, "sqrt_alpha_bars", t, nd)
+    zeta, xi, _ = ddim_coefficients(t, t_prev, None, schedule, nd, sigma=sig)
     return zeta * x0 + xi * x_t, np.broadcast_to(sig**2, np.broadcast_shapes(np.shape(sig), (1,) * nd))
 
 
 def x0_from_eps(x_t, t, eps, schedule: Schedule):
     """P3: x_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t; t in 1..T (ᾱ_t > 0 required)."""
     x_t, t, eps = _prep(x_t, t, eps, schedule, "eps")
+    _require_signal(schedule, t)
+    return denoised(eps, x_t, t, schedule, "eps")[0]
+
+
+def _require_signal(schedule: Schedule, t) -> None:
     if np.any(schedule.alpha_bars[t] == 0):
         raise ValueError("x0_from_eps needs alpha_bar[t] > 0; "
                          "a zero-terminal-SNR schedule needs v- or x0-prediction")
-    nd = x_t.ndim
-    return _tab(schedule, "sqrt_recip_alpha_bars", t, nd) * x_t - _tab(schedule, "sqrt_recipm1_alpha_bars", t, nd) * eps
 
 
 def eps_from_x0(x_t, t, x0, schedule: Schedule):
     """P3: ε = (x_t − √ᾱ_t x_0)/√(1−ᾱ_t); t in 1..T."""
     x_t, t, x0 = _prep(x_t, t, x0, schedule, "x0")
-    nd = x_t.ndim
-    return (x_t - _tab(schedule, "sqrt_alpha_bars", t, nd) * x0) / _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd)
+    return denoised(x0, x_t, t, schedule, "x0")[1]
 
 
 def v_from_eps(x_t, t, eps, schedule: Schedule):
@@ -129,15 +163,13 @@ def v_from_eps(x_t, t, eps, schedule: Schedule):
 def eps_from_v(x_t, t, v, schedule: Schedule):
     """P3: ε = √ᾱ_t v + √(1−ᾱ_t) x_t."""
     x_t, t, v = _prep(x_t, t, v, schedule, "v")
-    nd = x_t.ndim
-    return _tab(schedule, "sqrt_alpha_bars", t, nd) * v + _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd) * x_t
+    return denoised(v, x_t, t, schedule, "v")[1]
 
 
 def x0_from_v(x_t, t, v, schedule: Schedule):
     """P3: x_0 = √ᾱ_t x_t − √(1−ᾱ_t) v."""
     x_t, t, v = _prep(x_t, t, v, schedule, "v")
-    nd = x_t.ndim
-    return _tab(schedule, "sqrt_alpha_bars", t, nd) * x_t - _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd) * v
+    return denoised(v, x_t, t, schedule, "v")[0]
 
 
 def v_from_x0(x_t, t, x0, schedule: Schedule):
@@ -176,19 +208,38 @@ def x0_eps_from_output(model_output, x_t, t, schedule: Schedule, prediction: str
     as improved-diffusion does). Returns (x0, eps), each of the shape of x_t.
     """
     kind = prediction_name(prediction)
+    x_t, t, model_output = _prep(x_t, t, model_output, schedule, "model_output")
     if kind == "eps":
-        eps = as_float_array(model_output, "model_output")
-        x0 = x0_from_eps(x_t, t, eps, schedule)
-    elif kind == "x0":
-        x0 = as_float_array(model_output, "model_output")
-        eps = eps_from_x0(x_t, t, x0, schedule)
-    else:
-        x0 = x0_from_v(x_t, t, model_output, schedule)
-        eps = eps_from_v(x_t, t, model_output, schedule)
+        _require_signal(schedule, t)
     if clip is not None:
         clip = check_real(clip, "clip", 0.0, low_open=True)
-        x0 = np.clip(x0, -clip, clip)
-        eps = eps_from_x0(x_t, t, x0, schedule)
+    return denoised(model_output, x_t, t, schedule, kind, clip)
+
+
+def denoised(model_output, x_t, t, schedule: Schedule, prediction: str, clip=None):
+    """P3, unchecked (the kernel of ``x0_eps_from_output`` and of every sampling loop's denoiser): (x̂_0, ε̂)
+    from a model output of the canonical type ``prediction`` ('eps', 'x0' or 'v'):
+
+        eps: x̂_0 = x_t/√ᾱ_t − √(1/ᾱ_t − 1)·ε̂;   x0: ε̂ = (x_t − √ᾱ_t x̂_0)/√(1−ᾱ_t);
+        v:   x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v,  ε̂ = √ᾱ_t v + √(1−ᾱ_t) x_t;
+
+    with ``clip`` c > 0, x̂_0 is clipped to [−c, c] and ε̂ recomputed from it (improved-diffusion). t: an int
+    (NumPy arrays or torch tensors, coefficients as floats) or a per-example int array (NumPy).
+    """
+    nd = x_t.ndim
+    a, s = gather(schedule.sqrt_alpha_bars, t, nd), gather(schedule.sqrt_one_minus_alpha_bars, t, nd)
+    if prediction == "eps":
+        eps = model_output
+        x0 = gather(schedule.sqrt_recip_alpha_bars, t, nd) * x_t - gather(schedule.sqrt_recipm1_alpha_bars, t, nd) * eps
+    elif prediction == "x0":
+        x0 = model_output
+        eps = (x_t - a * x0) / s
+    else:
+        x0 = a * x_t - s * model_output
+        eps = a * model_output + s * x_t
+    if clip is not None:
+        x0 = x0.clip(-clip, clip)
+        eps = (x_t - a * x0) / s
     return x0, eps
 
 

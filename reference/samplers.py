@@ -1,17 +1,28 @@
-"""Samplers (FORMULAS A1–A9): one-step updates and whole sampling loops, in float64.
+"""Samplers (FORMULAS A1–A9): one-step updates and whole sampling loops.
 
-Conventions (DESIGN.md):
+Each loop is written once, here, and runs on two kinds of arrays:
+- NumPy (the oracle): x_T and every model output become float64 and are checked (finite, of x's shape);
+- torch tensors (the engine, on any device and dtype): used as they are, the model's output checked for shape.
+Arguments are checked once, at the edge of each public function; the loop bodies are bare arithmetic on the
+state with Python-float coefficients read from the schedule's float64 tables, so the same lines serve both.
+
+Conventions:
 - x is (B, ...) (NCHW for images, (B, d) for toy data); discrete time is the math t (1..T; t = 0 is clean,
   ᾱ_0 = 1); continuous time is t ∈ [0, 1] (float array of shape (B,) when passed to a score function).
-- A model is ``model(x_t, t, y)`` with t an int64 array of shape (B,) holding the MODEL's timestep
-  (``schedule.timestep_map[t]``, the identity unless the schedule was ``respace``d) and y the labels or None.
-  ``prediction`` is 'eps', 'x0' or 'v' (or diffusers' 'epsilon', 'sample', 'v_prediction').
+- A model is ``model(x_t, t, y)`` with t an int64 NumPy array of shape (B,) holding the MODEL's timestep
+  (``schedule.timestep_map[t]``, the identity unless the schedule was ``respace``d) and y the labels (as the
+  caller passed them) or None; a torch model is wrapped to take those (``engine.diffusion.torch_model``).
+  ``prediction`` is 'eps', 'x0' or 'v' (or diffusers' 'epsilon', 'sample', 'v_prediction'). ``denoiser``
+  turns a model into D(x, t) → (x̂_0, ε̂) once per loop.
 - Noise is always an argument. A step takes an array of x's shape or a ``numpy.random.Generator``. A loop
-  takes a Generator or an array of shape (num_steps, *x.shape) whose slot i is used at loop step i; the
-  slots of deterministic steps (DDPM's t = 1, DDIM's σ = 0 steps) are ignored, and a Generator is drawn
-  from only at stochastic steps. ``noise`` may be None when no step of the call is stochastic.
+  takes a Generator (NumPy only) or an array of shape (num_steps, *x.shape) (of x's kind: a tensor for a
+  tensor) whose slot i is used at loop step i; the slots of deterministic steps (DDPM's t = 1, DDIM's σ = 0
+  steps) are ignored, and a Generator is drawn from only at stochastic steps. ``noise`` may be None when no
+  step of the call is stochastic.
 - Each loop returns the final sample, or ``(sample, trajectory)`` with ``return_trajectory=True``; the
   trajectory is an array (num_steps + 1, *x.shape) that starts with x_T.
+- ``SAMPLERS`` is the table of the loops that the engine, the ONNX runtime and the command line offer by
+  name; ``sample`` is the call they share (step list, guidance, argument checks).
 
 The discrete ODE samplers (DDIM η = 0, ``euler_sample``, ``heun_sample``, ``dpmpp_2m_sample``) all
 discretise the same probability-flow ODE: written in σ = √((1−ᾱ)/ᾱ) and x̃ = x/√ᾱ it is dx̃/dσ = ε̂ (A5),
@@ -20,10 +31,14 @@ whose Euler discretisation is exactly DDIM with η = 0.
 
 from __future__ import annotations
 
+import importlib
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING
 
 from ._checks import (
     as_float_array,
@@ -36,13 +51,28 @@ from ._checks import (
     prediction_name,
     variance_name,
 )
-from .posterior import ddim_posterior, ddim_sigma, q_posterior, random_walk_mean_from_eps, x0_eps_from_output
-from .schedules import Schedule, check_schedule, su_from_ddpm, ve_sde_sigma, vp_sde_beta, vp_sde_marginal
+from .posterior import (
+    _require_signal,
+    ddim_coefficients,
+    denoised,
+    posterior_mean,
+    random_walk_mean_from_eps,
+)
+from .schedules import (
+    Schedule,
+    check_schedule,
+    respace,
+    su_from_ddpm,
+    timesteps,
+    ve_sde_sigma,
+    vp_sde_beta,
+    vp_sde_marginal,
+)
 
 __all__ = [
-    "VESDE", "VPSDE", "annealed_langevin_sample", "cfg", "ddim_sample", "ddim_step", "ddpm_sample", "ddpm_step",
-    "dpmpp_2m_sample", "euler_sample", "heun_sample", "langevin_sample", "pf_ode_sample", "random_walk_sample",
-    "reverse_sde_sample", "reverse_sde_step", "su_sample",
+    "SAMPLERS", "VESDE", "VPSDE", "SamplerInfo", "annealed_langevin_sample", "cfg", "ddim_sample", "ddim_step",
+    "ddpm_sample", "ddpm_step", "denoiser", "dpmpp_2m_sample", "euler_sample", "heun_sample", "langevin_sample",
+    "pf_ode_sample", "random_walk_sample", "reverse_sde_sample", "reverse_sde_step", "sample", "su_sample",
 ]
 
 ODE_METHODS = ("euler", "heun")
@@ -50,7 +80,7 @@ SU_SIGMAS = ("beta", "beta_tilde", "zero")
 
 
 # --------------------------------------------------------------------------------------------------------
-# private helpers
+# the edge: arrays, models, noise, trajectories
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -58,6 +88,11 @@ def _callable(fn, name: str):
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     return fn
+
+
+def _foreign(x) -> bool:
+    """True for an array of another library than NumPy (a torch tensor): used as it is, never converted."""
+    return not isinstance(x, (np.ndarray, np.generic)) and hasattr(x, "__dlpack__") and hasattr(x, "shape")
 
 
 def _batch(x, name: str) -> np.ndarray:
@@ -68,32 +103,63 @@ def _batch(x, name: str) -> np.ndarray:
     return x
 
 
+def _state(x, name: str = "x_T"):
+    """A loop's starting state: NumPy input as a checked float64 array; a torch tensor as it is."""
+    if not _foreign(x):
+        return _batch(x, name)
+    if x.ndim < 1:
+        raise ValueError(f"{name} must have a leading batch axis, shape (B, ...), got a scalar")
+    return x
+
+
+def _library(x):
+    """The array library of x (numpy, or torch for a tensor), for ``stack`` and ``concatenate``."""
+    return importlib.import_module(type(x).__module__.partition(".")[0]) if _foreign(x) else np
+
+
 def _expand(v: np.ndarray, ndim: int) -> np.ndarray:
     """Per-example values (shape () or (B,)) shaped to broadcast over an ndim array with batch axis first."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim)) if v.ndim else v
 
 
-def _call(fn, name: str, x: np.ndarray, *args) -> np.ndarray:
-    """``fn(x, *args)`` as a finite float64 array of x's shape (model outputs and scores)."""
-    out = as_float_array(fn(x, *args), f"{name} output")
-    if out.shape != x.shape:
-        raise ValueError(f"{name} output must have the shape of x {x.shape}, got {out.shape}")
+def _call(fn, name: str, x, *args, shape=None):
+    """``fn(x, *args)``, checked to have x's shape (or ``shape``): for NumPy x a finite float64 array."""
+    out = fn(x, *args)
+    want = tuple(x.shape) if shape is None else shape
+    if _foreign(x):
+        got = tuple(getattr(out, "shape", ()))
+    else:
+        out = as_float_array(out, f"{name} output")
+        got = out.shape
+    if got != want:
+        raise ValueError(f"{name} output must have the shape of x {want}, got {got}" if shape is None else
+                         f"{name} output must have shape {want} for the doubled batch, got {got}")
     return out
 
 
-def _model_output(model, x: np.ndarray, t: int, schedule: Schedule, y) -> np.ndarray:
-    """The model at math step t of ``schedule``: called with the model timestep ``timestep_map[t]`` as (B,)."""
-    t_model = np.full((x.shape[0],), schedule.timestep_map[t], dtype=np.int64)
-    return _call(model, "model", x, t_model, y)
+def denoiser(model, schedule: Schedule, prediction: str = "eps", y=None, clip=None, t_max: int | None = None):
+    """The model as a denoiser D(x, t) → (x̂_0, ε̂) at math step t (an int) of ``schedule`` (P3): ``model`` is
+    called as model(x, timestep_map[t] as int64 (B,), y), its output (checked as in ``_call``) read as
+    ``prediction`` and converted by ``posterior.denoised``, x̂_0 clipped to [−clip, clip] when ``clip`` is
+    given. ``t_max``, the largest t the caller will visit, refuses ε-prediction where ᾱ = 0 (zero terminal
+    SNR: x̂_0 would divide by 0). Arguments are checked here, once; D itself is bare."""
+    schedule = check_schedule(schedule)
+    _callable(model, "model")
+    kind = prediction_name(prediction)
+    clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
+    if kind == "eps" and t_max is not None:
+        _require_signal(schedule, t_max)
+    tmap = schedule.timestep_map
+
+    def D(x, t: int):
+        out = _call(model, "model", x, np.full((x.shape[0],), tmap[t], dtype=np.int64), y)
+        return denoised(out, x, t, schedule, kind, clip)
+
+    return D
 
 
-def _denoise(model, x, t, schedule, prediction, y, clip):
-    """(x̂_0, ε̂) from the model at math step t (P3; x̂_0 optionally clipped to [−clip, clip])."""
-    return x0_eps_from_output(_model_output(model, x, t, schedule, y), x, t, schedule, prediction, clip)
-
-
-def _step_list(timesteps, schedule: Schedule) -> np.ndarray:
-    """Sampling timesteps: a non-empty, strictly descending 1-D list of math t in 1..T."""
+def _step_list(timesteps, schedule: Schedule) -> list[int]:
+    """Sampling timesteps: a non-empty, strictly descending 1-D list of math t in 1..T, as Python ints."""
     ts = check_timesteps(timesteps, "timesteps", schedule.T, low=1)
     if ts.ndim != 1 or ts.size < 1:
         raise ValueError(f"timesteps must be a non-empty 1-D array of math t in 1..{schedule.T}, "
@@ -101,34 +167,42 @@ def _step_list(timesteps, schedule: Schedule) -> np.ndarray:
     if np.any(np.diff(ts) >= 0):
         shown = ts[:8].tolist() + (["..."] if ts.size > 8 else [])
         raise ValueError(f"timesteps must be strictly descending (e.g. schedules.timesteps(...)), got {shown}")
-    return ts
+    return ts.tolist()
 
 
-def _loop_noise(noise, num_steps: int, shape: tuple, needed: bool):
-    """``get(i)``: the noise of loop step i, from a Generator or from slot i of a (num_steps, *shape) array."""
-    if isinstance(noise, np.random.Generator):
-        return lambda i: noise.standard_normal(shape)
+def _loop_noise(noise, num_steps: int, x, needed: bool):
+    """``get(i)``: the noise of loop step i, from a Generator or from slot i of a (num_steps, *x.shape) array."""
+    shape = (num_steps, *x.shape)
     if noise is None:
         if needed:
-            raise TypeError(f"noise must be a numpy.random.Generator or an array of shape {(num_steps, *shape)}, "
+            raise TypeError(f"noise must be a numpy.random.Generator or an array of shape {shape}, "
                             "got None (this call has stochastic steps)")
         return lambda i: None
-    arr = draw_noise(noise, (num_steps, *shape))
+    if _foreign(x):
+        if not _foreign(noise):
+            raise TypeError(f"noise for a {type(x).__name__} x must be an array of its kind, shape {shape}, "
+                            f"got {type(noise).__name__}")
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        return lambda i: noise[i]
+    if isinstance(noise, np.random.Generator):
+        return lambda i: noise.standard_normal(x.shape)
+    arr = draw_noise(noise, shape)
     return lambda i: arr[i]
 
 
 class _Trajectory:
     """Collects the states of a loop when asked to (the first is x_T)."""
 
-    def __init__(self, x: np.ndarray, keep: bool):
+    def __init__(self, x, keep: bool):
         self.states = [x] if keep else None
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x) -> None:
         if self.states is not None:
             self.states.append(x)
 
-    def result(self, x: np.ndarray):
-        return x if self.states is None else (x, np.stack(self.states))
+    def result(self, x):
+        return x if self.states is None else (x, _library(x).stack(self.states))
 
 
 def _t_array(t, x: np.ndarray, low: float = 0.0) -> np.ndarray:
@@ -140,9 +214,29 @@ def _t_array(t, x: np.ndarray, low: float = 0.0) -> np.ndarray:
     return t
 
 
+def _unused_noise(noise, shape) -> None:
+    """A step whose noise is not used still validates an array it was given."""
+    if noise is not None and not isinstance(noise, np.random.Generator):
+        draw_noise(noise, shape)
+
+
 # --------------------------------------------------------------------------------------------------------
-# discrete steps (A1, A2)
+# the two discrete updates (A1, A2): the kernels of the steps and of the loops
 # --------------------------------------------------------------------------------------------------------
+
+def _ddpm_update(x0, x_t, t, std, z, schedule: Schedule):
+    """A1: x_{t−1} = μ̃_t(x̂_0, x_t) + σ_t z, σ_t = ``std`` (z None: the mean alone)."""
+    mean = posterior_mean(x0, x_t, t, schedule)
+    return mean if z is None else mean + std * z
+
+
+def _ddim_update(x0, x_t, t, t_prev, eta, z, schedule: Schedule):
+    """A2 via P6/P7: x_{t_prev} = ζ x̂_0 + ξ x_t + σ z, ζ = √ᾱ_prev − ξ√ᾱ_t, ξ = √(1−ᾱ_prev−σ²)/√(1−ᾱ_t),
+    σ = σ_t(η) (``posterior.ddim_coefficients``; z None: no noise). sampler.onnx builds the same form."""
+    zeta, xi, sigma = ddim_coefficients(t, t_prev, eta, schedule, x_t.ndim)
+    mean = zeta * x0 + xi * x_t
+    return mean if z is None else mean + np.sqrt(sigma**2) * z
+
 
 def ddpm_step(model_output, x_t, t, schedule: Schedule, variance: str = "beta_tilde", noise=None,
               prediction: str = "eps", clip=None) -> np.ndarray:
@@ -162,15 +256,18 @@ def ddpm_step(model_output, x_t, t, schedule: Schedule, variance: str = "beta_ti
     x_t = _batch(x_t, "x_t")
     t = check_timesteps(t, "t", schedule.T, low=1)
     check_t_batch(t, x_t)
-    x0, _ = x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip)
-    mean, _, _ = q_posterior(x0, x_t, t, schedule)
+    out = as_float_array(model_output, "model_output")
+    check_same_shape(x_t, out, "x_t", "model_output")
+    if prediction_name(prediction) == "eps":
+        _require_signal(schedule, t)
+    clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
+    x0, _ = denoised(out, x_t, t, schedule, prediction_name(prediction), clip)
     if not np.any(t > 1):
-        if noise is not None and not isinstance(noise, np.random.Generator):
-            draw_noise(noise, x_t.shape)  # validate an array that is not used
-        return mean
+        _unused_noise(noise, x_t.shape)
+        return _ddpm_update(x0, x_t, t, None, None, schedule)
     table = schedule.posterior_variance if kind == "beta_tilde" else schedule.betas
     std = _expand(np.where(t > 1, np.sqrt(table[t]), 0.0), x_t.ndim)
-    return mean + std * draw_noise(noise, x_t.shape)
+    return _ddpm_update(x0, x_t, t, std, draw_noise(noise, x_t.shape), schedule)
 
 
 def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0, noise=None,
@@ -178,9 +275,10 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
     """A2 (via P6, P7): one DDIM step t → t_prev < t on any timestep subsequence,
     x_prev = √ᾱ_prev x̂_0 + √(1−ᾱ_prev−σ²)·ε̂ + σ z, with σ = σ_t(η) of P7.
 
-    Computed as the mean of P6's q_σ(x_prev given x_t, x̂_0) plus σ z. t_prev = 0 is the clean step
-    (ᾱ_0 = 1, σ = 0): it returns x̂_0 exactly. η = 0 is deterministic; η = 1 with t_prev = t − 1 is DDPM
-    with β̃_t. Take t_prev from the timestep list (never t − T//N, ANCHORS). ``clip`` as in ``ddpm_step``.
+    Computed as the mean of P6's q_σ(x_prev given x_t, x̂_0), ζ x̂_0 + ξ x_t, plus σ z. t_prev = 0 is the
+    clean step (ᾱ_0 = 1, σ = 0): it returns x̂_0 exactly. η = 0 is deterministic; η = 1 with t_prev = t − 1
+    is DDPM with β̃_t. Take t_prev from the timestep list (never t − T//N, ANCHORS). ``clip`` as in
+    ``ddpm_step``.
 
     Shapes: model_output and x_t (B, ...); t in 1..T and t_prev in 0..t−1, each scalar or (B,); eta ≥ 0
     with σ² ≤ 1 − ᾱ_prev; noise an array (B, ...) or a Generator, and may be None where σ = 0.
@@ -195,16 +293,26 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
     if np.any(t_prev >= t):
         raise ValueError("t_prev must be smaller than t (t_prev in 0..t-1; 0 is the clean step)")
     eta = check_real(eta, "eta", 0.0)
-    sigma = ddim_sigma(t, t_prev, eta, schedule)
-    if np.any(sigma**2 > 1.0 - schedule.alpha_bars[t_prev] + 1e-12):
+    _check_eta(eta, t, t_prev, schedule)
+    out = as_float_array(model_output, "model_output")
+    check_same_shape(x_t, out, "x_t", "model_output")
+    kind = prediction_name(prediction)
+    if kind == "eps":
+        _require_signal(schedule, t)
+    clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
+    x0, _ = denoised(out, x_t, t, schedule, kind, clip)
+    if eta == 0 or not np.any(t_prev > 0):
+        _unused_noise(noise, x_t.shape)
+        return _ddim_update(x0, x_t, t, t_prev, eta, None, schedule)
+    return _ddim_update(x0, x_t, t, t_prev, eta, draw_noise(noise, x_t.shape), schedule)
+
+
+def _check_eta(eta: float, t, t_prev, schedule: Schedule) -> None:
+    """σ_t(η)² ≤ 1 − ᾱ_{t_prev} on every step t → t_prev (P6's condition)."""
+    ab, abp = schedule.alpha_bars[t], schedule.alpha_bars[t_prev]
+    sigma = eta * np.sqrt((1.0 - abp) / (1.0 - ab)) * np.sqrt(1.0 - ab / abp)
+    if np.any(sigma**2 > 1.0 - abp + 1e-12):
         raise ValueError(f"eta={eta!r} is too large for this step: sigma_t(eta)**2 must be <= 1 - alpha_bar[t_prev]")
-    x0, _ = x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip)
-    mean, var = ddim_posterior(x0, x_t, t, t_prev, sigma, schedule)
-    if not np.any(sigma > 0):
-        if noise is not None and not isinstance(noise, np.random.Generator):
-            draw_noise(noise, x_t.shape)  # validate an array that is not used
-        return mean
-    return mean + np.sqrt(var) * draw_noise(noise, x_t.shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -212,24 +320,27 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
 # --------------------------------------------------------------------------------------------------------
 
 def ddpm_sample(model, x_T, schedule: Schedule, variance: str = "beta_tilde", noise=None, prediction: str = "eps",
-                y=None, clip=None, return_trajectory: bool = False):
+                y=None, clip=None, return_trajectory: bool = False, timesteps=None):
     """A1 loop: x_{t−1} = μ̃_t(x̂_0, x_t) + σ_t z for t = T..1 of ``schedule`` (``ddpm_step``).
 
-    ``schedule`` may be ``respace``d: that is DDPM on the subsequence (S8), the model being called with
-    the parent's timesteps ``timestep_map[t]``. Shapes: x_T (B, ...); noise a Generator or an array
-    (schedule.T, *x_T.shape), slot i used at t = T − i (slot T−1, for t = 1, is ignored).
+    ``timesteps`` (or a ``schedule`` made by ``respace``) runs DDPM on that subsequence (S8), the model
+    being called with the parent's timesteps ``timestep_map[t]``. Shapes: x_T (B, ...); noise a Generator or
+    an array (S, *x_T.shape), S the number of steps, slot i used at step i (slot S−1, for the last step, is
+    ignored).
     """
     schedule = check_schedule(schedule)
-    _callable(model, "model")
-    variance_name(variance)
-    prediction_name(prediction)
-    x = _batch(x_T, "x_T")
+    if timesteps is not None:
+        schedule = respace(schedule, _step_list(timesteps, schedule))
+    kind = variance_name(variance)
+    x = _state(x_T)
     T = schedule.T
-    get = _loop_noise(noise, T, x.shape, needed=T > 1)
+    D = denoiser(model, schedule, prediction, y, clip, t_max=T)
+    get = _loop_noise(noise, T, x, needed=T > 1)
+    std = np.sqrt(schedule.posterior_variance if kind == "beta_tilde" else schedule.betas)
     traj = _Trajectory(x, return_trajectory)
     for i, t in enumerate(range(T, 0, -1)):
-        out = _model_output(model, x, t, schedule, y)
-        x = ddpm_step(out, x, t, schedule, variance, get(i) if t > 1 else None, prediction, clip)
+        x0, _ = D(x, t)
+        x = _ddpm_update(x0, x, t, float(std[t]), get(i) if t > 1 else None, schedule)
         traj.add(x)
     return traj.result(x)
 
@@ -243,18 +354,17 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
     where σ = 0: always at the last step, every step when η = 0).
     """
     schedule = check_schedule(schedule)
-    _callable(model, "model")
-    prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
     eta = check_real(eta, "eta", 0.0)
-    x = _batch(x_T, "x_T")
-    prevs = np.concatenate([ts[1:], [0]])
-    get = _loop_noise(noise, ts.size, x.shape, needed=eta > 0 and ts.size > 1)
+    prevs = [*ts[1:], 0]
+    _check_eta(eta, np.array(ts), np.array(prevs), schedule)
+    x = _state(x_T)
+    D = denoiser(model, schedule, prediction, y, clip, t_max=ts[0])
+    get = _loop_noise(noise, len(ts), x, needed=eta > 0 and len(ts) > 1)
     traj = _Trajectory(x, return_trajectory)
     for i, (t, t_prev) in enumerate(zip(ts, prevs, strict=True)):
-        out = _model_output(model, x, t, schedule, y)
-        stochastic = eta > 0 and t_prev > 0
-        x = ddim_step(out, x, t, t_prev, schedule, eta, get(i) if stochastic else None, prediction, clip)
+        x0, _ = D(x, t)
+        x = _ddim_update(x0, x, t, t_prev, eta, get(i) if eta > 0 and t_prev > 0 else None, schedule)
         traj.add(x)
     return traj.result(x)
 
@@ -262,22 +372,22 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
 def _ode_sample(model, x_T, schedule, timesteps, prediction, y, clip, return_trajectory, second_order):
     """EDM's sampler on dx̃/dσ = ε̂ (A5), σ = √(1/ᾱ − 1), x̃ = x/√ᾱ; Euler, or Heun except on the last step."""
     schedule = check_schedule(schedule)
-    _callable(model, "model")
-    prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
     if schedule.alpha_bars[ts[0]] == 0:
         raise ValueError("the first timestep has alpha_bar = 0 (sigma = inf): the sigma-ODE cannot start there; "
                          "use ddim_sample or dpmpp_2m_sample, or start at a timestep below T")
-    x = _batch(x_T, "x_T")
-    sig, root = schedule.sqrt_recipm1_alpha_bars, schedule.sqrt_alpha_bars  # σ(0) = 0, √ᾱ_0 = 1
+    x = _state(x_T)
+    D = denoiser(model, schedule, prediction, y, clip)
+    sig = schedule.sqrt_recipm1_alpha_bars.tolist()  # σ(0) = 0
+    root = schedule.sqrt_alpha_bars.tolist()  # √ᾱ_0 = 1
     traj = _Trajectory(x, return_trajectory)
     xt = x / root[ts[0]]
-    for t, t_next in zip(ts, np.concatenate([ts[1:], [0]]), strict=True):
-        _, d = _denoise(model, xt * root[t], t, schedule, prediction, y, clip)
+    for t, t_next in zip(ts, [*ts[1:], 0], strict=True):
+        _, d = D(xt * root[t], t)
         h = sig[t_next] - sig[t]
         x_euler = xt + h * d
         if second_order and t_next > 0:
-            _, d_next = _denoise(model, x_euler * root[t_next], t_next, schedule, prediction, y, clip)
+            _, d_next = D(x_euler * root[t_next], t_next)
             xt = xt + h * 0.5 * (d + d_next)
         else:
             xt = x_euler
@@ -319,22 +429,21 @@ def dpmpp_2m_sample(model, x_T, schedule: Schedule, timesteps, prediction: str =
     This VP form is k-diffusion's x̃ = x/√ᾱ form multiplied through by √ᾱ_{i+1}. Shapes as ``ddim_sample``.
     """
     schedule = check_schedule(schedule)
-    _callable(model, "model")
-    prediction_name(prediction)
     ts = _step_list(timesteps, schedule)
-    x = _batch(x_T, "x_T")
-    lam = 0.5 * schedule.log_snr
+    x = _state(x_T)
+    D = denoiser(model, schedule, prediction, y, clip, t_max=ts[0])
+    lam = (0.5 * schedule.log_snr).tolist()
+    s, a = schedule.sqrt_one_minus_alpha_bars.tolist(), schedule.sqrt_alpha_bars.tolist()
     traj = _Trajectory(x, return_trajectory)
     old_x0, h_last = None, None
-    for t, t_next in zip(ts, np.concatenate([ts[1:], [0]]), strict=True):
-        x0, _ = _denoise(model, x, t, schedule, prediction, y, clip)
+    for t, t_next in zip(ts, [*ts[1:], 0], strict=True):
+        x0, _ = D(x, t)
         if t_next == 0:
             x = x0
         else:
             h = lam[t_next] - lam[t]
             d = x0 if old_x0 is None else (1 + 0.5 * h / h_last) * x0 - 0.5 * h / h_last * old_x0
-            x = (schedule.sqrt_one_minus_alpha_bars[t_next] / schedule.sqrt_one_minus_alpha_bars[t]) * x \
-                - schedule.sqrt_alpha_bars[t_next] * np.expm1(-h) * d
+            x = (s[t_next] / s[t]) * x - float(a[t_next] * np.expm1(-h)) * d
             h_last = h
         old_x0 = x0
         traj.add(x)
@@ -354,25 +463,24 @@ def su_sample(model, x_T, schedule: Schedule, noise=None, sigma: str = "beta", p
     Shapes: x_T (B, ...); noise a Generator or an array (T, *x_T.shape), slot i used at t = T − i.
     """
     schedule = check_schedule(schedule)
-    _callable(model, "model")
-    prediction_name(prediction)
     names = (*SU_SIGMAS, "fixed_large", "fixed_small")
     if not isinstance(sigma, str) or sigma not in names:
         raise ValueError(f"sigma must be one of {sorted(names)}, got {sigma!r}")
     kind = "zero" if sigma == "zero" else variance_name(sigma)
     if schedule.zero_terminal_snr:
         raise ValueError("su_sample divides by Su's alpha_T = 0 on a zero-terminal-SNR schedule; use ddpm_sample")
-    alpha, beta, _, beta_bar = su_from_ddpm(schedule)
-    x = _batch(x_T, "x_T")
+    alpha, beta, _, beta_bar = (v.tolist() for v in su_from_ddpm(schedule))
+    x = _state(x_T)
+    D = denoiser(model, schedule, prediction, y, clip)
     T = schedule.T
-    get = _loop_noise(noise, T, x.shape, needed=kind != "zero" and T > 1)
+    get = _loop_noise(noise, T, x, needed=kind != "zero" and T > 1)
     traj = _Trajectory(x, return_trajectory)
     for i, t in enumerate(range(T, 0, -1)):
-        _, eps = _denoise(model, x, t, schedule, prediction, y, clip)
+        _, eps = D(x, t)
         x = (x - beta[t] ** 2 / beta_bar[t] * eps) / alpha[t]
         if t > 1 and kind != "zero":
             s = beta[t] if kind == "beta" else beta_bar[t - 1] * beta[t] / beta_bar[t]
-            x = x + s * draw_noise(get(i), x.shape)
+            x = x + s * get(i)
         traj.add(x)
     return traj.result(x)
 
@@ -389,15 +497,87 @@ def random_walk_sample(model, x_T, T: int, noise=None, y=None, return_trajectory
     _callable(model, "model")
     T = check_int(T, "T", 1)
     x = _batch(x_T, "x_T")
-    get = _loop_noise(noise, T, x.shape, needed=T > 1)
+    get = _loop_noise(noise, T, x, needed=T > 1)
     traj = _Trajectory(x, return_trajectory)
     for i, t in enumerate(range(T, 0, -1)):
         eps = _call(model, "model", x, np.full((x.shape[0],), t, dtype=np.int64), y)
         x = random_walk_mean_from_eps(x, float(t), eps)
         if t > 1:
-            x = x + np.sqrt(1.0 - 1.0 / t) * draw_noise(get(i), x.shape)
+            x = x + np.sqrt(1.0 - 1.0 / t) * get(i)
         traj.add(x)
     return traj.result(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the table of samplers that the engine, the runtime and the command line offer, and their shared call
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """One row of ``SAMPLERS``. ``sample`` is a loop above, called by ``sample()`` as
+    ``sample(model, x_T, schedule, timesteps=ts, prediction=..., y=...)`` plus ``eta=`` where ``eta`` is True
+    and ``noise=`` where the call is stochastic (``stochastic``, or η > 0)."""
+
+    sample: Callable
+    stochastic: bool  # fresh noise at every step but the last, whatever the arguments
+    eta: bool  # takes DDIM's η (stochastic when η > 0)
+    model_calls: Callable[[int], int]  # model calls for N timesteps (guidance makes each one batched call on 2B)
+    summary: str
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "ddim": SamplerInfo(ddim_sample, False, True, lambda n: n, "DDIM (A2), eta = 0 deterministic"),
+    "ddpm": SamplerInfo(ddpm_sample, True, False, lambda n: n, "DDPM ancestral (A1) on the respaced steps"),
+    "heun": SamplerInfo(heun_sample, False, False, lambda n: 2 * n - 1, "EDM's Heun on the PF-ODE (A5)"),
+    "dpmpp2m": SamplerInfo(dpmpp_2m_sample, False, False, lambda n: n, "DPM-Solver++(2M) (A5)"),
+}
+"""The samplers offered by name (``ldmkit sample --sampler``, the engine's ``generate``, the ONNX runtime)."""
+
+
+def sampler_info(name: str) -> SamplerInfo:
+    """The row of ``SAMPLERS`` called ``name``; ValueError naming the valid ones."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name]
+
+
+def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float = 0.0, guidance=None,
+                   null_class=None) -> SamplerInfo:
+    """The checks of ``sample``, for a caller that draws noise first: the sampler's row, or ValueError naming
+    the argument (an unknown sampler, steps outside 1..T, η < 0 or η with a sampler that has none, guidance
+    below 0 or for an unconditional model, ``null_class`` None)."""
+    info = sampler_info(sampler)
+    check_int(num_steps, "steps", 1, schedule.T)
+    eta = check_real(eta, "eta", 0.0)
+    if eta > 0 and not info.eta:
+        with_eta = [name for name, row in SAMPLERS.items() if row.eta]
+        raise ValueError(f"eta applies to the {' and '.join(with_eta)} sampler only, got eta={eta} with {sampler!r}")
+    if guidance is not None:
+        if null_class is None:
+            raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
+        check_real(guidance, "guidance", 0.0)
+    return info
+
+
+def sample(model, x_T, schedule: Schedule, sampler: str = DEFAULT_SAMPLER, num_steps: int = DEFAULT_STEPS,
+           eta: float = 0.0, noise=None, prediction: str = "eps", y=None, guidance=None, null_class=None,
+           spacing: str = SPACING):
+    """The sampling call shared by the engine and the ONNX runtime: ``SAMPLERS[sampler]`` over
+    ``timesteps(num_steps, T, spacing)`` ("trailing": it starts at t = T) from x_T, returning x_0.
+
+    With labels ``y`` and ``guidance`` w other than None or 1, the model is guided (``cfg``, A9: one batched
+    call on 2B per model call, labels [y, null_class]); None or 1 is plain conditional sampling.
+    ``noise``: the loop noise (num_steps, *x_T.shape), used only where the call is stochastic (ddpm, or ddim
+    with η > 0) and then required. NumPy arrays or torch tensors, as every loop here.
+    """
+    info = check_sampling(schedule, sampler, num_steps, eta, guidance, null_class)
+    if y is not None and guidance is not None and guidance != 1.0:
+        model = cfg(model, guidance, null_class)
+    extra = {"eta": eta} if info.eta else {}
+    if info.stochastic or eta > 0:
+        extra["noise"] = noise
+    return info.sample(model, x_T, schedule, timesteps=timesteps(num_steps, schedule.T, spacing),
+                       prediction=prediction, y=y, **extra)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -520,7 +700,7 @@ def reverse_sde_sample(score_fn, x_T, sde, num_steps: int, noise, t_end: float =
     grid = _time_grid(num_steps, t_end)
     noise_scale = check_real(noise_scale, "noise_scale", 0.0, 1.0)
     x = _batch(x_T, "x_T")
-    get = _loop_noise(noise, grid.size - 1, x.shape, needed=noise_scale > 0)
+    get = _loop_noise(noise, grid.size - 1, x, needed=noise_scale > 0)
     traj = _Trajectory(x, return_trajectory)
     for i in range(grid.size - 1):
         t = np.full((x.shape[0],), grid[i])
@@ -580,7 +760,7 @@ def langevin_sample(score_fn, x, step_size: float, num_steps: int, noise, return
     c = check_real(step_size, "step_size", 0.0, low_open=True)
     num_steps = check_int(num_steps, "num_steps", 1)
     x = _batch(x, "x")
-    get = _loop_noise(noise, num_steps, x.shape, needed=True)
+    get = _loop_noise(noise, num_steps, x, needed=True)
     traj = _Trajectory(x, return_trajectory)
     for i in range(num_steps):
         x = _langevin(x, _call(score_fn, "score_fn", x), c, get(i))
@@ -604,7 +784,7 @@ def annealed_langevin_sample(score_fn, x, sigmas, step_size: float, steps_per_le
     step_size = check_real(step_size, "step_size", 0.0, low_open=True)
     steps_per_level = check_int(steps_per_level, "steps_per_level", 1)
     x = _batch(x, "x")
-    get = _loop_noise(noise, sig.size * steps_per_level, x.shape, needed=True)
+    get = _loop_noise(noise, sig.size * steps_per_level, x, needed=True)
     traj = _Trajectory(x, return_trajectory)
     i = 0
     for level in sig:
@@ -615,6 +795,7 @@ def annealed_langevin_sample(score_fn, x, sigmas, step_size: float, steps_per_le
             traj.add(x)
             i += 1
     return traj.result(x)
+
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -628,8 +809,8 @@ def cfg(model, guidance: float, null_class: int):
 
     computed with ONE batched model call on [x, x], [t, t], [y, null_class]. The same combination is
     applied to x0- or v-outputs, which are affine in ε with coefficients fixed by (x_t, t), so guidance
-    commutes with the prediction type. y (labels, (B,) or a scalar) is required. Shapes: x_t (B, ...),
-    t (B,) or a scalar; returns (B, ...).
+    commutes with the prediction type. y (labels, (B,) or a scalar, NumPy) is required. Shapes: x_t (B, ...),
+    a NumPy array or a torch tensor; t (B,) or a scalar; returns (B, ...) of x_t's kind.
     """
     _callable(model, "model")
     w = check_real(guidance, "guidance", 0.0)
@@ -640,15 +821,12 @@ def cfg(model, guidance: float, null_class: int):
     def guided(x_t, t, y=None):
         if y is None:
             raise ValueError("y (class labels) is required for classifier-free guidance; got None")
-        x = _batch(x_t, "x_t")
+        x = _state(x_t, "x_t")
         B = x.shape[0]
         t2 = np.broadcast_to(np.asarray(t), (B,))
         y2 = np.broadcast_to(np.asarray(y), (B,))
-        out = as_float_array(model(np.concatenate([x, x]), np.concatenate([t2, t2]),
-                                   np.concatenate([y2, np.full((B,), null_class, dtype=y2.dtype)])), "model output")
-        if out.shape != (2 * B, *x.shape[1:]):
-            raise ValueError(f"model output must have shape {(2 * B, *x.shape[1:])} for the doubled batch, "
-                             f"got {out.shape}")
+        out = _call(model, "model", _library(x).concatenate([x, x]), np.concatenate([t2, t2]),
+                    np.concatenate([y2, np.full((B,), null_class, dtype=y2.dtype)]), shape=(2 * B, *x.shape[1:]))
         cond, uncond = out[:B], out[B:]
         return uncond + w * (cond - uncond)
 
