@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.reference import losses
 from ldmkit.reference.kl import discretized_gaussian_log_likelihood, gaussian_log_likelihood
 from ldmkit.reference.schedules import Schedule
@@ -89,14 +90,16 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
 
 
 def class_fidelity(config: Config, vae: VAE, unet: UNet, train_images, train_labels, test_images, test_labels,
-                   per_class: int = 50, steps: int = 50, guidance: float = 3.0, seed: int = 0) -> dict:
+                   per_class: int = 50, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                   seed: int = 0) -> dict:
     """Sample statistics: pixel mean/std of samples against the test set, and the accuracy of a
     nearest-class-mean classifier (class means of the training images) on samples of each requested class,
     beside its accuracy on the real test images (what "recognisable" can reach for that classifier)."""
     k = config.unet.num_classes
     labels = np.repeat(np.arange(k), per_class) if k else None
     n = k * per_class if k else 10 * per_class
-    samples = generate(config, vae, unet, n, labels, "ddim", steps, guidance=guidance if k else None, seed=seed)
+    samples = generate(config, vae, unet, n, labels, DEFAULT_SAMPLER, steps, guidance=guidance if k else None,
+                       seed=seed)
     test01 = ((test_images + 1) / 2).numpy()
     out = {"sample_pixel_mean": float(samples.mean()), "sample_pixel_std": float(samples.std()),
            "test_pixel_mean": float(test01.mean()), "test_pixel_std": float(test01.std()), "samples": n,

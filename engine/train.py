@@ -8,6 +8,10 @@ s), for the whole global batch, and each rank takes its own rows; the batch indi
 run, or a run on N processes with the same global batch, sees exactly the data and noise of an
 uninterrupted single-process run, and ends with the same parameters (to float tolerance under DDP).
 The checkpoint's ``step`` counts both stages (VAE steps first), which is all a resume needs.
+
+Structure: :func:`train` sets up the process, data and config; :class:`Trainer` holds the run's state,
+restores a checkpoint and runs the one step loop (forward, optimize, log, checkpoint); :func:`train_vae`
+and :func:`train_unet` describe each stage's step to it as a :class:`Stage`.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -28,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
 from ldmkit.reference.schedules import Schedule
@@ -36,6 +41,7 @@ from . import diffusion as D
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from .config import Config
 from .data import load_dataset
+from .device import resolve_device
 from .models import VAE, UNet
 from .sample import generate
 
@@ -57,15 +63,6 @@ class Run:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available), 'cpu' or 'cuda'; ValueError for CUDA where there is none."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be one of ['auto', 'cpu', 'cuda'], got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def start_run(device: str = "auto") -> Run:
@@ -162,38 +159,6 @@ def _all_mean(value: torch.Tensor, run: Run) -> float:
     return float(value)
 
 
-class Logger:
-    """metrics.jsonl lines and the progress bar, on rank 0 only."""
-
-    def __init__(self, out: Path, run: Run, progress: bool):
-        self.path, self.run, self.show = out / "metrics.jsonl", run, progress and run.main
-        self.bar, self.text = None, ""
-
-    def stage(self, label: str, total: int, done: int):
-        if self.bar is not None:
-            self.bar.render_finish()
-        self.bar = None
-        if self.show:
-            self.bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"),
-                                         item_show_func=lambda _: self.text, show_pos=True)
-            self.bar.update(done)
-
-    def step(self, record: dict, write: bool):
-        if not self.run.main:
-            return
-        self.text = f"loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s"
-        if self.bar is not None:
-            self.bar.update(1)
-        if write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.render_finish()
-            self.bar = None
-
-
 def prepare_output(out: Path, resume: bool) -> Path:
     """Create ``out``; refuse to start over an existing checkpoint unless resuming; check it is writable."""
     out.mkdir(parents=True, exist_ok=True)
@@ -207,130 +172,162 @@ def prepare_output(out: Path, resume: bool) -> Path:
     return ckpt
 
 
-def train(config: Config, out, device: str = "auto", resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> Path:
-    """Train both stages into folder ``out`` (checkpoint.pt, metrics.jsonl, samples/); returns the checkpoint
-    path. ``resume`` continues from ``out``/checkpoint.pt (its config wins). ``stop_after``: stop after
-    that many global steps, as a killed run would (for tests)."""
-    run = start_run(device)
-    out = Path(out)
-    ckpt_path = prepare_output(out, resume) if run.main else out / CHECKPOINT
-    if run.world > 1:
-        dist.barrier()
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        config = Config.from_dict(state["config"])
-    tc = config.train
-    if run.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    images, labels, description = load_dataset(config.data["spec"], "train", config.vae.image_size,
-                                               config.unet.num_classes or None)
-    if labels is None and config.unet.num_classes:
-        raise ValueError(f"dataset {config.data['spec']} has no labels but the config asks for a class-conditional "
-                         f"model (unet.num_classes = {config.unet.num_classes}); set it to 0")
-    config.data = {**config.data, **{k: description[k] for k in ("source", "format", "num_examples", "num_classes")}}
-    if run.main:
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+#: ``progress(label, done, total, record)``: see :func:`train`.
+Progress = Callable[[str, int, int, dict | None], None]
 
-    torch.manual_seed(tc.seed)
-    vae, unet = VAE.from_config(config.vae), UNet.from_config(config.unet)
-    ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay))
-    step = 0
-    if state is not None:
-        vae.load_state_dict(state["vae"])
-        unet.load_state_dict(state["unet"])
-        ema.module.load_state_dict(state["ema"])
-        step = state["step"]
-        ema.n_averaged.fill_(max(step - config.train.vae_steps, 0))
-    vae, unet, ema = vae.to(run.device), unet.to(run.device), ema.to(run.device)
-    log = Logger(out, run, progress)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" and run.device.type == "cuda"
-                else nullcontext())
-    t_start = time.perf_counter()
 
-    def save(opt, metrics):
-        if run.main:
-            ema.n_averaged.fill_(max(step - tc.vae_steps, 0))
-            save_checkpoint(ckpt_path, make_checkpoint(config, vae.state_dict(), unet.state_dict(),
-                                                       ema.module.state_dict(), opt.state_dict(), step, metrics))
-        if run.world > 1:
-            dist.barrier()
+@dataclass
+class Stage:
+    """One stage for :meth:`Trainer.loop`: the run's global steps ``first`` … ``first + steps − 1``.
+    ``forward(s)`` draws stage step s's batch and noise and returns (loss, extra record fields);
+    ``after_update`` runs after each optimizer step (the U-Net's EMA); ``after_step(s + 1)`` after each
+    step is logged, on rank 0 (sample grids)."""
 
-    def update(loss, module, opt, stage: str) -> float:
-        """Backward, clip, and step, unless the loss (averaged over ranks) is not finite: then stop with the
-        parameters and the last checkpoint untouched. Returns the averaged loss."""
-        opt.zero_grad(set_to_none=True)
+    name: str  # "vae" or "unet": the records' "stage"; the checkpoint's metric is "<name>_loss"
+    label: str  # "VAE" or "U-Net": the progress label and the divergence message
+    first: int
+    steps: int
+    batch_size: int  # global, for images_per_s
+    net: torch.nn.Module  # whose gradients are clipped
+    opt: torch.optim.Optimizer
+    forward: Callable[[int], tuple[torch.Tensor, dict]]
+    after_update: Callable[[], None] | None = None
+    after_step: Callable[[int], None] | None = None
+
+
+class Trainer:
+    """A run's state (process, config, networks, EMA, both optimizers, the global step) and the step loop
+    both stages share. Resuming happens here, once: the networks, the EMA, the step, and the optimizer of
+    the stage the checkpoint was written in."""
+
+    def __init__(self, config: Config, out: Path, run: Run, state: dict | None, progress: Progress | None,
+                 stop_after: int | None):
+        self.config, self.tc, self.run, self.out = config, config.train, run, out
+        self.ckpt_path = out / CHECKPOINT
+        self.progress = progress if run.main else None
+        self.stop_after = stop_after
+        tc = self.tc
+        torch.manual_seed(tc.seed)
+        vae, unet = VAE.from_config(config.vae), UNet.from_config(config.unet)
+        ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay))
+        self.step = 0
+        if state is not None:
+            vae.load_state_dict(state["vae"])
+            unet.load_state_dict(state["unet"])
+            ema.module.load_state_dict(state["ema"])
+            self.step = state["step"]
+        self.vae, self.unet, self.ema = vae.to(run.device), unet.to(run.device), ema.to(run.device)
+        self.ema.n_averaged.fill_(max(self.step - tc.vae_steps, 0))
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=tc.vae_lr, weight_decay=tc.weight_decay)
+        self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        if state is not None:  # a checkpoint written at step s ≤ vae_steps holds the VAE's optimizer
+            (self.vae_opt if self.step <= tc.vae_steps else self.unet_opt).load_state_dict(state["optimizer"])
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if tc.precision == "bf16" and run.device.type == "cuda" else nullcontext())
+        self.t_start = time.perf_counter()
+
+    def loop(self, stage: Stage) -> bool:
+        """Run ``stage`` from the current step to its end: per step forward, :meth:`optimize`, a record
+        (progress, metrics.jsonl every ``log_every``), a checkpoint every ``checkpoint_every`` steps and at
+        the stage's end. False when ``stop_after`` stopped it first."""
+        tc, end = self.tc, stage.first + stage.steps
+        if self.progress is not None:
+            self.progress(stage.label, self.step - stage.first, stage.steps, None)
+        while self.step < end:
+            if self.stop_after is not None and self.step >= self.stop_after:
+                return False
+            t0 = time.perf_counter()
+            loss, extra = stage.forward(self.step - stage.first)
+            value = self.optimize(loss, stage)
+            if stage.after_update is not None:
+                stage.after_update()
+            self.step += 1
+            record = {"stage": stage.name, "step": self.step, "loss": value, **extra,
+                      "images_per_s": stage.batch_size / (time.perf_counter() - t0),
+                      "elapsed_s": time.perf_counter() - self.t_start}
+            if self.run.main:
+                self.log(stage, record)
+                if stage.after_step is not None:
+                    stage.after_step(self.step - stage.first)
+            if self.step == end or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
+                self.save(stage.opt, {f"{stage.name}_loss": value})
+        return True
+
+    def optimize(self, loss: torch.Tensor, stage: Stage) -> float:
+        """Backward, clip, and step, unless the loss (averaged over ranks) is not finite: then raise
+        :class:`TrainingDiverged` with the parameters and the last checkpoint untouched. Returns that loss."""
+        stage.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-        value = _all_mean(loss, run)
+        torch.nn.utils.clip_grad_norm_(stage.net.parameters(), self.tc.grad_clip)
+        value = _all_mean(loss, self.run)
         if not math.isfinite(value):
-            log.close()
-            raise TrainingDiverged(f"the {stage} loss became {value} at step {step}: training stopped; the last good "
-                                   f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none yet'}) is untouched")
-        opt.step()
+            kept = self.ckpt_path if self.ckpt_path.exists() else "none yet"
+            raise TrainingDiverged(f"the {stage.label} loss became {value} at step {self.step}: training stopped; "
+                                   f"the last good checkpoint ({kept}) is untouched")
+        stage.opt.step()
         return value
 
-    # ---------------------------------------------------------------- stage 1: the VAE
-    opt = torch.optim.AdamW(vae.parameters(), lr=tc.vae_lr, weight_decay=tc.weight_decay)
-    if state is not None and step < tc.vae_steps:
-        opt.load_state_dict(state["optimizer"])
-    if step < tc.vae_steps:
-        model = DistributedDataParallel(vae) if run.world > 1 else vae
-        model.train()
-        batches = Batches(len(images), tc.vae_batch_size, tc.seed, run)
-        log.stage("VAE  ", tc.vae_steps, step)
-        while step < tc.vae_steps:
-            if stop_after is not None and step >= stop_after:
-                log.close()
-                return ckpt_path
-            t0 = time.perf_counter()
-            g = _generator(tc.seed, 1, step)
-            x = images[batches(step)].to(run.device)
-            noise = _rows(torch.randn((tc.vae_batch_size, *config.vae.latent_shape), generator=g), run).to(run.device)
-            with autocast:
-                loss, mse, kl = vae_loss(model, x, noise, config)
-            value = update(loss, vae, opt, "VAE")
-            step += 1
-            record = {"stage": "vae", "step": step, "loss": value, "recon_mse": float(mse), "kl": float(kl),
-                      "images_per_s": tc.vae_batch_size / (time.perf_counter() - t0),
-                      "elapsed_s": time.perf_counter() - t_start}
-            log.step(record, step % tc.log_every == 0 if tc.log_every else False)
-            if step == tc.vae_steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                save(opt, {"vae_loss": value})
+    def log(self, stage: Stage, record: dict):
+        """Report a step (rank 0): the progress callback, and a metrics.jsonl line every ``log_every`` steps."""
+        if self.progress is not None:
+            self.progress(stage.label, self.step - stage.first, stage.steps, record)
+        if self.tc.log_every and self.step % self.tc.log_every == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    # ---------------------------------------------------------------- latent cache and scale (V1)
-    vae.eval().requires_grad_(False)
-    mean, logvar = encode_latents(vae, images, run.device)
+    def save(self, opt: torch.optim.Optimizer, metrics: dict):
+        """Write the checkpoint (rank 0, atomically); every rank waits for it."""
+        if self.run.main:
+            self.ema.n_averaged.fill_(max(self.step - self.tc.vae_steps, 0))
+            save_checkpoint(self.ckpt_path, make_checkpoint(self.config, self.vae.state_dict(), self.unet.state_dict(),
+                                                            self.ema.module.state_dict(), opt.state_dict(), self.step,
+                                                            metrics))
+        if self.run.world > 1:
+            dist.barrier()
+
+
+def train_vae(tr: Trainer, images: torch.Tensor) -> bool:
+    """Stage 1: the VAE on L9 (``vae_loss``), skipped when a resumed run is past it. False if stopped."""
+    tc, run, config = tr.tc, tr.run, tr.config
+    if tr.step >= tc.vae_steps:
+        return True
+    model = DistributedDataParallel(tr.vae) if run.world > 1 else tr.vae
+    model.train()
+    batches = Batches(len(images), tc.vae_batch_size, tc.seed, run)
+
+    def forward(s: int):
+        g = _generator(tc.seed, 1, s)
+        x = images[batches(s)].to(run.device)
+        noise = _rows(torch.randn((tc.vae_batch_size, *config.vae.latent_shape), generator=g), run).to(run.device)
+        with tr.autocast:
+            loss, mse, kl = vae_loss(model, x, noise, config)
+        return loss, {"recon_mse": float(mse), "kl": float(kl)}
+
+    return tr.loop(Stage("vae", "VAE", 0, tc.vae_steps, tc.vae_batch_size, tr.vae, tr.vae_opt, forward))
+
+
+def train_unet(tr: Trainer, images: torch.Tensor, labels: torch.Tensor | None) -> bool:
+    """Stage 2: the latent cache, the latent scale (V1) on a fresh run, then the class-conditional latent
+    U-Net (L4/L5, label dropout, ``unet_lr``), its EMA and sample grids. False if stopped."""
+    tc, run, config = tr.tc, tr.run, tr.config
+    tr.vae.eval().requires_grad_(False)
+    mean, logvar = encode_latents(tr.vae, images, run.device)
     if config.latent_scale is None:
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=_generator(tc.seed, 3, 0))
         config.latent_scale = latent_std(z.double().numpy())
         config.latent_shape = tuple(mean.shape[1:])
-
-    # ---------------------------------------------------------------- stage 2: the latent U-Net
     schedule = Schedule.named(config.diffusion.schedule, config.diffusion.T)
-    opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    total = tc.vae_steps + tc.unet_steps
-    if state is not None and state["step"] > tc.vae_steps:
-        opt.load_state_dict(state["optimizer"])
-    model = DistributedDataParallel(unet) if run.world > 1 else unet
+    opt = tr.unet_opt
+    model = DistributedDataParallel(tr.unet) if run.world > 1 else tr.unet
     compiled = torch.compile(model) if tc.compile else model
     model.train()
     batches = Batches(len(images), tc.batch_size, tc.seed, run)
-    null = config.unet.num_classes
-    shape = config.latent_shape
-    log.stage("U-Net", tc.unet_steps, step - tc.vae_steps)
-    metrics = {}
-    while step < total:
-        if stop_after is not None and step >= stop_after:
-            log.close()
-            return ckpt_path
-        s = step - tc.vae_steps
-        t0 = time.perf_counter()
+    null, shape, B = config.unet.num_classes, config.latent_shape, tc.batch_size
+
+    def forward(s: int):
         torch.manual_seed(_generator(tc.seed, 4 + run.rank, s).initial_seed())  # dropout, if any
         g = _generator(tc.seed, 2, s)
         idx = batches(s)
-        B = tc.batch_size
         draws = (torch.randn((B, *shape), generator=g), torch.randint(1, config.diffusion.T + 1, (B,), generator=g),
                  torch.randn((B, *shape), generator=g), torch.rand((B,), generator=g) < tc.cond_drop_prob)
         eps_z, t, eps, drop = (_rows(v, run) for v in draws)
@@ -342,35 +339,65 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         for group in opt.param_groups:
             group["lr"] = unet_lr(s, tc)
         x_t = D.q_sample(z0, t, eps, schedule)
-        with autocast:
+        with tr.autocast:
             pred = compiled(x_t, t, y)
-        loss = D.mse_per_example(pred, D.training_target(z0, eps, x_t, t, schedule, config.diffusion.prediction)).mean()
-        value = update(loss, unet, opt, "U-Net")
-        ema.update_parameters(unet)
-        step += 1
-        record = {"stage": "unet", "step": step, "loss": value, "lr": opt.param_groups[0]["lr"],
-                  "images_per_s": B / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - t_start}
-        log.step(record, step % tc.log_every == 0 if tc.log_every else False)
-        metrics = {"unet_loss": value}
-        if run.main and tc.sample_every and (step - tc.vae_steps) % tc.sample_every == 0:
-            write_sample_grid(config, vae, ema.module, out / "samples" / f"step{step:07d}.png")
-        if step == total or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-            save(opt, metrics)
-    log.close()
+        target = D.training_target(z0, eps, x_t, t, schedule, config.diffusion.prediction)
+        return D.mse_per_example(pred, target).mean(), {"lr": opt.param_groups[0]["lr"]}
+
+    def sample_grid(done: int):
+        if tc.sample_every and done % tc.sample_every == 0:
+            write_sample_grid(config, tr.vae, tr.ema.module, tr.out / "samples" / f"step{tr.step:07d}.png")
+
+    return tr.loop(Stage("unet", "U-Net", tc.vae_steps, tc.unet_steps, B, tr.unet, opt, forward,
+                         after_update=lambda: tr.ema.update_parameters(tr.unet), after_step=sample_grid))
+
+
+def train(config: Config, out, device: str = "auto", resume: bool = False, progress: Progress | None = None,
+          stop_after: int | None = None) -> Path:
+    """Train both stages into folder ``out`` (checkpoint.pt, metrics.jsonl, samples/); returns the checkpoint
+    path. ``resume`` continues from ``out``/checkpoint.pt (its config wins). ``stop_after``: stop after
+    that many global steps, as a killed run would (for tests).
+
+    ``progress(label, done, total, record)``, if given, is called on rank 0 when a stage starts, with
+    ``record`` None, and after each of its steps, with that step's metrics record (the dict of a
+    metrics.jsonl line: "stage", "step", "loss", "images_per_s", …). ``label`` is "VAE" or "U-Net",
+    ``done`` the steps of the stage done so far (more than 0 at the start of a resumed stage) and
+    ``total`` the stage's steps. The command line draws its progress bars with it."""
+    run = start_run(device)
+    out = Path(out)
+    ckpt_path = prepare_output(out, resume) if run.main else out / CHECKPOINT
     if run.world > 1:
         dist.barrier()
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None:
+        config = Config.from_dict(state["config"])
+    if run.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    images, labels, description = load_dataset(config.data["spec"], "train", config.vae.image_size,
+                                               config.unet.num_classes or None)
+    if labels is None and config.unet.num_classes:
+        raise ValueError(f"dataset {config.data['spec']} has no labels but the config asks for a class-conditional "
+                         f"model (unet.num_classes = {config.unet.num_classes}); set it to 0")
+    config.data = {**config.data, **{k: description[k] for k in ("source", "format", "num_examples", "num_classes")}}
+    if run.main:
+        with atomic_write(out / "config.json", binary=False) as f:
+            f.write(json.dumps(config.to_dict(), indent=2) + "\n")
+    tr = Trainer(config, out, run, state, progress, stop_after)
+    if train_vae(tr, images) and train_unet(tr, images, labels) and run.world > 1:
+        dist.barrier()  # no rank returns before the last checkpoint is written
     return ckpt_path
 
 
-def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = 8, steps: int = 50,
-                      guidance: float = 3.0, seed: int = 0) -> Path:
-    """A grid with one row per class (or 8 rows unconditionally), DDIM with guidance, EMA weights."""
+def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = 8,
+                      steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> Path:
+    """A grid with one row per class (or 8 rows unconditionally): the default sampler, steps and guidance."""
     path.parent.mkdir(parents=True, exist_ok=True)
     k = config.unet.num_classes
     labels = np.repeat(np.arange(k), per_class) if k else None
     was_training = unet.training
     unet.eval()
-    images = generate(config, vae, unet, k * per_class if k else 8 * per_class, labels, "ddim", steps,
+    images = generate(config, vae, unet, k * per_class if k else 8 * per_class, labels, DEFAULT_SAMPLER, steps,
                       guidance=guidance if k else None, seed=seed)
     unet.train(was_training)
     return write_images(path, images, nrow=per_class)

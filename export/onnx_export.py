@@ -26,16 +26,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ldmkit.common import __version__, one_line
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, one_line
 from ldmkit.engine.checkpoint import load_checkpoint
-from ldmkit.engine.sample import SPACING, generate, models_from_checkpoint
+from ldmkit.engine.sample import generate, models_from_checkpoint
 from ldmkit.reference.schedules import Schedule, timesteps
 
 from . import runtime as rt
 from .sampler_graph import build_sampler
 
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; as fast here as 20, 21 and 23, and read by older runtimes
-DEFAULT_GUIDANCE = 3.0  # sampler.json's default w for a conditional model, as `ldmkit sample`
 #: a graph passes when max |onnx − torch| <= TOLERANCE · max(1, max |torch|): float32 round-off. It holds for
 #: sampler.onnx's whole loop too (images in [0, 1]; measured ≈1e-6 after 50 guided DDIM steps of the demo model)
 TOLERANCE = 1e-4
@@ -165,8 +164,8 @@ CONVENTIONS = {
 }
 
 
-def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps: int = 50, force: bool = False,
-                log=print) -> Path:
+def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps: int = DEFAULT_STEPS,
+                force: bool = False, log=print) -> Path:
     """Export ``checkpoint_path`` (an ldmkit checkpoint.pt, EMA U-Net weights) to ``out_dir`` (default: an
     ``onnx`` folder beside it); ``steps`` is the default step count recorded in sampler.json (and used for the
     sampler's parity check). Refuses a non-empty ``out_dir`` unless ``force``. ``log`` receives one line per
@@ -194,7 +193,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "prediction": config.diffusion.prediction, "latent_shape": list(config.latent_shape),
         "latent_scale": float(config.latent_scale), "image_shape": image_shape, "num_classes": k,
         "null_class": k if k else None, "timestep_spacing": SPACING,
-        "defaults": {"sampler": "ddim", "steps": steps, "eta": 0.0, "guidance": guidance,
+        "defaults": {"sampler": DEFAULT_SAMPLER, "steps": steps, "eta": 0.0, "guidance": guidance,
                      "timesteps": timesteps(steps, T, SPACING).tolist()},
     }
     digest = rt.model_digest(model)

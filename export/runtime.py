@@ -28,24 +28,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit.common import __version__, one_line
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, one_line
 from ldmkit.reference import samplers as R
-from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, respace, timesteps
+from ldmkit.reference.posterior import PREDICTIONS
+from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
 
 FORMAT_NAME = "ldmkit-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "sampler.json"
 FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
-SAMPLERS = ("ddim", "ddpm", "heun", "dpmpp2m")
 PROVIDERS = ("auto", "cpu", "cuda")
-SPACING = "trailing"
-PREDICTIONS = ("eps", "x0", "v")
 DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 META_ROLE, META_DIGEST, META_FORMAT = "ldmkit.role", "ldmkit.model_sha256", "ldmkit.format"
 
@@ -64,7 +61,7 @@ _MODEL_KEYS = {
     "defaults": (dict, lambda v: True, "a dict"),
 }
 _DEFAULT_KEYS = {
-    "sampler": (str, lambda v: v in SAMPLERS, f"one of {list(SAMPLERS)}"),
+    "sampler": (str, lambda v: v in R.SAMPLERS, f"one of {list(R.SAMPLERS)}"),
     "steps": (int, lambda v: v >= 1, "an int >= 1"),
     "eta": (float, lambda v: v >= 0, "a float >= 0"),
     "guidance": ((float, type(None)), lambda v: v is None or v >= 0, "a float >= 0 or null"),
@@ -242,43 +239,13 @@ class OnnxSampler:
 
     def labels(self, n: int, labels=None):
         """(n,) int64 labels: None → 0, 1, …, K−1 in turn; an int → all that class; an array of n class ids.
-        None for an unconditional model (labels must then be None)."""
-        k = self.num_classes
-        if k == 0:
-            if labels is not None:
-                raise ValueError("labels were given but the model is unconditional (trained without labels)")
-            return None
-        if labels is None:
-            return np.arange(n, dtype=np.int64) % k
-        if isinstance(labels, (numbers.Integral, np.integer)) and not isinstance(labels, bool):
-            labels = np.full(n, int(labels), dtype=np.int64)
-        arr = np.asarray(labels)
-        if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"labels must be a class id or {n} integer class ids, got {arr.dtype} {arr.shape}")
-        bad = arr[(arr < 0) | (arr >= k)]
-        if bad.size:
-            raise ValueError(f"labels: class id must be in 0..{k - 1}, got {int(bad[0])}")
-        return arr.astype(np.int64)
+        None for an unconditional model (labels must then be None). ``reference.samplers.class_labels``."""
+        return R.class_labels(n, self.num_classes, labels)
 
-    def check(self, n, sampler: str, steps: int, eta: float, guidance) -> None:
-        """ValueError naming the argument: n < 1, an unknown sampler, steps outside 1..T, a negative eta, eta
-        with a sampler other than ddim, guidance on an unconditional model or below 0."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
-        T = self.model["T"]
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= T:
-            raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps!r}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        if eta > 0 and sampler != "ddim":
-            raise ValueError(f"eta applies to the ddim sampler only, got eta={eta} with {sampler!r}")
-        if guidance is not None:
-            if self.num_classes == 0:
-                raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
-            if not guidance >= 0:
-                raise ValueError(f"guidance must be >= 0, got {guidance}")
+    def check(self, n, sampler: str, steps: int, eta: float, guidance) -> R.SamplerInfo:
+        """ValueError naming the argument (``reference.samplers.check_sampling``, and n < 1); the sampler's row."""
+        R.class_labels(n, 0)
+        return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model["null_class"])
 
     def noise(self, n: int, steps: int, seed: int, loop: bool = True):
         """(x_T (n, C, H, W), loop noise (steps, n, C, H, W) or None) float32 from ``default_rng(seed)``."""
@@ -329,34 +296,22 @@ class OnnxSampler:
 
     # ------------------------------------------------------------------------------------- sampling
 
-    def sample(self, n: int, labels=None, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+    def sample(self, n: int, labels=None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
                guidance: float | None = None, seed: int = 0, noise=None) -> np.ndarray:
         """n images (n, c, H', W') float32 in [0, 1] through the reference's loops and the ONNX U-Net.
 
         ``labels``: see ``labels``. ``guidance``: classifier-free guidance w (None: 1, plain conditional
         sampling, one U-Net call per step; otherwise one batched call on 2n). ``noise``: (x_T (n, C, H, W),
         loop noise (steps, n, C, H, W), None for ddim with eta = 0, heun, dpmpp2m) instead of ``seed``."""
-        self.check(n, sampler, steps, eta, guidance)
+        info = self.check(n, sampler, steps, eta, guidance)
         y = self.labels(n, labels)
-        stochastic = sampler == "ddpm" or eta > 0
-        x_T, loop = self._noise(noise, n, steps, seed, stochastic)
-        model = self.unet_fn
-        if y is not None and guidance is not None and guidance != 1.0:
-            model = R.cfg(self.unet_fn, float(guidance), self.model["null_class"])
-        ts = timesteps(steps, self.model["T"], SPACING)
-        pred = self.model["prediction"]
-        if sampler == "ddpm":
-            z = R.ddpm_sample(model, x_T, respace(self.schedule, ts), "beta_tilde", loop, pred, y)
-        elif sampler == "ddim":
-            z = R.ddim_sample(model, x_T, self.schedule, ts, eta, loop if eta > 0 else None, pred, y)
-        elif sampler == "heun":
-            z = R.heun_sample(model, x_T, self.schedule, ts, pred, y)
-        else:
-            z = R.dpmpp_2m_sample(model, x_T, self.schedule, ts, pred, y)
+        x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
+        z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model["prediction"], y,
+                     guidance, self.model["null_class"])
         return self.decode(z)
 
-    def sample_graph(self, n: int, labels=None, steps: int = 50, guidance: float | None = None, seed: int = 0,
-                     noise=None) -> np.ndarray:
+    def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
+                     seed: int = 0, noise=None) -> np.ndarray:
         """The same as ``sample(..., sampler="ddim", eta=0)`` in ONE ``session.run`` of sampler.onnx."""
         self.check(n, "ddim", steps, 0.0, guidance)
         y = self.labels(n, labels)

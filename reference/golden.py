@@ -150,26 +150,37 @@ def case_samplers() -> dict:
     y = np.array([0, 1, 2, 0, 1, 2])
     noise = rng.standard_normal((1000, B, 2))
     ts25, ts10 = schedules.timesteps(25, 1000, "trailing"), schedules.timesteps(10, 1000, "trailing")
-    model = analytic.vp_model(mix, s)
     out = {"in/x_T": x_T, "in/y": y, "in/noise": noise, "in/timesteps25": ts25, "in/timesteps10": ts10,
            "in/mix_weights": mix.weights, "in/mix_means": mix.means, "in/mix_vars": mix.vars}
+    runs = sampler_trajectories(analytic.vp_model(mix, s), analytic.vp_model(mix, s, prediction="v"), x_T, noise,
+                                out)
+    return {**out, **{f"out/{name}": traj for name, traj in runs.items()}}
+
+
+def sampler_trajectories(model, v_model, x_T, noise, case: dict) -> dict:
+    """The sampler runs of the "samplers" case: {name: trajectory}, on the linear T = 1000 schedule from x_T
+    with the loop noise ``noise`` (1000, B, d), the case's labels and step lists (``case["in/..."]``), an
+    ε-model and a v-model. x_T and noise are NumPy arrays here, torch tensors in the engine's test, which
+    runs these same calls on its device: a sampler added here is held to its golden file everywhere."""
+    s = schedules.Schedule.named("linear", 1000)
+    y, ts25, ts10 = case["in/y"], case["in/timesteps25"], case["in/timesteps10"]
     sub = schedules.respace(s, ts25)
+    out = {}
     for variance in ("beta_tilde", "beta"):
-        out[f"out/ddpm1000/{variance}"] = samplers.ddpm_sample(model, x_T, s, variance, noise, y=y,
-                                                               return_trajectory=True)[1]
-        out[f"out/ddpm25/{variance}"] = samplers.ddpm_sample(model, x_T, sub, variance, noise[:25], y=y,
-                                                             return_trajectory=True)[1]
-    for eta in (0.0, 0.5, 1.0):
-        out[f"out/ddim25/eta{eta}"] = samplers.ddim_sample(model, x_T, s, ts25, eta, noise[:25], y=y,
+        out[f"ddpm1000/{variance}"] = samplers.ddpm_sample(model, x_T, s, variance, noise, y=y,
                                                            return_trajectory=True)[1]
-    out["out/heun10"] = samplers.heun_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
-    out["out/euler10"] = samplers.euler_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
-    out["out/dpmpp_2m10"] = samplers.dpmpp_2m_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
-    v_model = analytic.vp_model(mix, s, prediction="v")
-    out["out/ddim25_v/eta0.0"] = samplers.ddim_sample(v_model, x_T, s, ts25, 0.0, prediction="v", y=y,
-                                                      return_trajectory=True)[1]
+        out[f"ddpm25/{variance}"] = samplers.ddpm_sample(model, x_T, sub, variance, noise[:25], y=y,
+                                                         return_trajectory=True)[1]
+    for eta in (0.0, 0.5, 1.0):
+        out[f"ddim25/eta{eta}"] = samplers.ddim_sample(model, x_T, s, ts25, eta, noise[:25], y=y,
+                                                       return_trajectory=True)[1]
+    out["heun10"] = samplers.heun_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
+    out["euler10"] = samplers.euler_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
+    out["dpmpp_2m10"] = samplers.dpmpp_2m_sample(model, x_T, s, ts10, y=y, return_trajectory=True)[1]
+    out["ddim25_v/eta0.0"] = samplers.ddim_sample(v_model, x_T, s, ts25, 0.0, prediction="v", y=y,
+                                                  return_trajectory=True)[1]
     guided = samplers.cfg(model, 3.0, null_class=-1)
-    out["out/ddim25_cfg3/eta0.0"] = samplers.ddim_sample(guided, x_T, s, ts25, 0.0, y=y, return_trajectory=True)[1]
+    out["ddim25_cfg3/eta0.0"] = samplers.ddim_sample(guided, x_T, s, ts25, 0.0, y=y, return_trajectory=True)[1]
     return out
 
 

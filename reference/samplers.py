@@ -70,7 +70,8 @@ from .schedules import (
 )
 
 __all__ = [
-    "SAMPLERS", "VESDE", "VPSDE", "SamplerInfo", "annealed_langevin_sample", "cfg", "ddim_sample", "ddim_step",
+    "SAMPLERS", "VESDE", "VPSDE", "SamplerInfo", "annealed_langevin_sample", "cfg", "check_sampling", "class_labels",
+    "ddim_sample", "ddim_step",
     "ddpm_sample", "ddpm_step", "denoiser", "dpmpp_2m_sample", "euler_sample", "heun_sample", "langevin_sample",
     "pf_ode_sample", "random_walk_sample", "reverse_sde_sample", "reverse_sde_step", "sample", "su_sample",
 ]
@@ -547,16 +548,46 @@ def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float 
     the argument (an unknown sampler, steps outside 1..T, η < 0 or η with a sampler that has none, guidance
     below 0 or for an unconditional model, ``null_class`` None)."""
     info = sampler_info(sampler)
-    check_int(num_steps, "steps", 1, schedule.T)
-    eta = check_real(eta, "eta", 0.0)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= schedule.T:
+        raise ValueError(f"steps must be in 1..{schedule.T} (the model's T), got {num_steps!r}")
+    if not _nonnegative(eta):
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
     if eta > 0 and not info.eta:
         with_eta = [name for name, row in SAMPLERS.items() if row.eta]
         raise ValueError(f"eta applies to the {' and '.join(with_eta)} sampler only, got eta={eta} with {sampler!r}")
     if guidance is not None:
         if null_class is None:
             raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
-        check_real(guidance, "guidance", 0.0)
+        if not _nonnegative(guidance):
+            raise ValueError(f"guidance must be >= 0, got {guidance!r}")
     return info
+
+
+def _nonnegative(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value < np.inf
+
+
+def class_labels(n: int, num_classes: int, labels=None):
+    """Labels y (n,) int64 for n samples of a model with ``num_classes`` classes: None → 0, 1, …, K−1 in turn; a
+    class id → all that class; an array of n class ids, checked. None for an unconditional model (K = 0),
+    which refuses labels. ValueError naming the problem."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("labels were given but the model is unconditional (trained without labels)")
+        return None
+    if labels is None:
+        return np.arange(n, dtype=np.int64) % num_classes
+    if isinstance(labels, (numbers.Integral, np.integer)) and not isinstance(labels, bool):
+        labels = np.full(n, int(labels), dtype=np.int64)
+    arr = np.asarray(labels)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be a class id or {n} integer class ids, got {arr.dtype} {arr.shape}")
+    bad = arr[(arr < 0) | (arr >= num_classes)]
+    if bad.size:
+        raise ValueError(f"class id must be in 0..{num_classes - 1}, got {int(bad[0])}")
+    return arr.astype(np.int64)
 
 
 def sample(model, x_T, schedule: Schedule, sampler: str = DEFAULT_SAMPLER, num_steps: int = DEFAULT_STEPS,

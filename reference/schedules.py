@@ -187,10 +187,19 @@ def check_schedule(schedule) -> Schedule:
 
 
 def timesteps(num_steps: int, T: int, spacing: str = "linspace", offset: int = 0) -> np.ndarray:
-    """S9: N sampling timesteps in math t (1..T), descending, by diffusers' spacing definitions (k = t−1).
+    """S9: N sampling timesteps in math t (1..T), distinct and descending, for diffusers' three spacings
+    (diffusers' k = t − 1), i = 0..N−1:
 
-    linspace: k = round(linspace(0, T−1, N)); leading: k = arange(N)·(T//N) + offset;
-    trailing: k = round(arange(T, 0, −T/N)) − 1. NumPy rounds half to even, as diffusers does.
+        linspace: k_i = round(i·(T−1)/(N−1)), computed as np.linspace(0, T−1, N).round();
+        leading:  k_i = i·(T//N) + offset (exact; ``offset`` is diffusers' ``steps_offset``);
+        trailing: k_i = round(T − i·T/N) − 1, computed as np.round(T + i·(−T/N)) − 1.
+
+    np.round rounds half to even, but it rounds the float64 values: where the exact fraction is half an
+    integer, float error may round it the other way (T = 1000: linspace at 92 values of N, trailing at 11,
+    e.g. N = 240). The lists equal diffusers' DDIMScheduler.set_timesteps for linspace and leading at every
+    N. For trailing, diffusers computes np.round(np.arange(T, 0, −T/N)) − 1, which differs at 111 values of N
+    for T = 1000: at some (61, 103, 121, 122, 201, …) it has N + 1 entries ending at k = −1, at others
+    (48, 96, …) it breaks a tie the other way. Always N steps here; see docs/diffusers.md.
     """
     T = check_int(T, "T", 1)
     num_steps = check_int(num_steps, "num_steps", 1, T)

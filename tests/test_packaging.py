@@ -156,7 +156,7 @@ def test_every_package_folder_is_listed_in_pyproject():
             rel = init.parent.relative_to(base)
             if any(part in {"__pycache__"} or part.startswith(".") for part in rel.parts):
                 continue
-            name = ".".join([pkg, *rel.parts])
+            name = ".".join(part for part in (pkg, *rel.parts) if part)
             if name not in listed:
                 missing.append(name)
     assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
@@ -272,3 +272,88 @@ def test_installed_wheel_imports_and_resources(installed_wheel, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"ldmkit {info['version']}"
+
+
+# ------------------------------------------------------------------- engine: no CLI, sampling without training
+
+
+def test_engine_imports_neither_click_nor_the_cli():
+    """ldmkit.engine and every submodule import where click cannot be found, and none imports the command
+    line: the engine reports training progress through a callback that the CLI draws."""
+    pytest.importorskip("torch")
+    out = _check(
+        run_python(
+            """
+            import importlib, json, pkgutil
+            import ldmkit.engine as engine
+            names = [m.name for m in pkgutil.walk_packages(engine.__path__, engine.__name__ + ".")]
+            for name in names:
+                importlib.import_module(name)
+            cli = sorted(m for m in sys.modules if m in {"ldmkit.cli", "ldmkit.__main__"} or m.startswith("click"))
+            print(json.dumps({"modules": names, "cli": cli}))
+            """,
+            blocked={"click"},
+        )
+    )
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {"ldmkit.engine.train", "ldmkit.engine.sample", "ldmkit.engine.device"} <= set(result["modules"])
+    assert result["cli"] == []
+    assert "ldmkit.cli" not in result["cli"]
+
+
+def test_sampling_modules_do_not_import_training():
+    """Sampling and evaluation (and resolve_device, which their commands use) import without the training
+    module."""
+    pytest.importorskip("torch")
+    out = _check(
+        run_python(
+            """
+            import json
+            import ldmkit.engine.evaluate
+            import ldmkit.engine.sample
+            from ldmkit.engine.device import resolve_device
+            assert str(resolve_device("cpu")) == "cpu"
+            print(json.dumps(sorted(m for m in sys.modules if m.startswith("ldmkit."))))
+            """
+        )
+    )
+    modules = json.loads(out.strip().splitlines()[-1])
+    assert "ldmkit.engine.sample" in modules and "ldmkit.engine.evaluate" in modules
+    assert "ldmkit.engine.train" not in modules
+
+
+def test_sample_and_eval_commands_do_not_import_training(tmp_path):
+    """``ldmkit sample`` and ``ldmkit eval`` on a checkpoint run without importing ldmkit.engine.train."""
+    pytest.importorskip("torch")
+    out = _check(
+        run_python(
+            """
+            import json
+            from pathlib import Path
+
+            import torch
+
+            from ldmkit.cli import main
+            from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
+            from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
+            from ldmkit.engine.models import VAE, UNet
+
+            config = Config(vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4),
+                            unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2),
+                                            attention_levels=(1,), num_heads=2, num_classes=10, groups=4),
+                            diffusion=DiffusionConfig(T=20), latent_shape=(2, 8, 8), latent_scale=1.0)
+            torch.manual_seed(0)
+            vae, unet = VAE.from_config(config.vae).state_dict(), UNet.from_config(config.unet).state_dict()
+            ckpt = Path(sys.argv[1]) / "checkpoint.pt"
+            save_checkpoint(ckpt, make_checkpoint(config, vae, unet, unet))
+            for argv in (["sample", str(ckpt), "-n", "2", "--steps", "2", "--device", "cpu",
+                          "-o", str(ckpt.with_name("grid.npy"))],
+                         ["eval", str(ckpt), "--nll-images", "0", "--per-class", "0", "--device", "cpu"]):
+                main(argv, prog_name="ldmkit", standalone_mode=False)
+            print(json.dumps("ldmkit.engine.train" in sys.modules))
+            """,
+            args=[str(tmp_path)],
+        )
+    )
+    assert (tmp_path / "grid.npy").is_file() and (tmp_path / "eval.json").is_file()
+    assert json.loads(out.strip().splitlines()[-1]) is False

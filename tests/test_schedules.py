@@ -8,6 +8,7 @@ numbers from diffusers / improved-diffusion / EDM; diffusers' 0-based k is our m
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -401,3 +402,65 @@ def test_zero_terminal_snr_rescale(name):
     assert np.all((nb[:-1] > 0) & (nb[:-1] < 1))
     assert np.all(np.diff(new.snr[1:]) < 0)
     assert new.snr[-1] == 0.0
+
+
+# ------------------------------------------------------------------------------------ S9 (exact definitions)
+def _round_half_even(p, q):
+    """p/q (int arrays or ints, q > 0) rounded to the nearest integer, ties to even, in exact integer
+    arithmetic; also where p/q is a tie (exactly half an integer)."""
+    n, r = np.divmod(p, q)
+    tie = 2 * r == q
+    return n + ((2 * r > q) | (tie & (n % 2 == 1))), tie
+
+
+def _exact_spacing(num_steps, T, spacing, offset=0):
+    """The spacing definitions in exact rational arithmetic, i = 0..N−1, diffusers' 0-based k:
+    linspace k_i = round(i·(T−1)/(N−1)); leading k_i = i·⌊T/N⌋ + offset; trailing k_i = round(T − i·T/N) − 1,
+    with round half to even of the exact fraction. Returns (k, tie), descending; tie marks the k that round
+    an exact half."""
+    i = np.arange(num_steps, dtype=np.int64)
+    if spacing == "leading":
+        k, tie = i * (T // num_steps) + offset, np.zeros(num_steps, dtype=bool)
+    elif spacing == "linspace":
+        k, tie = _round_half_even(i * (T - 1), max(num_steps - 1, 1))
+    else:
+        k, tie = _round_half_even(T * num_steps - i * T, num_steps)
+        k = k - 1
+    order = np.argsort(-k, kind="stable")
+    return k[order], tie[order]
+
+
+def _spacing_cases(T, spacing):
+    """(N, offset) for every N in 1..T, and offset 1 too for 'leading' where it fits (k_max ≤ T − 1)."""
+    for n in range(1, T + 1):
+        yield n, 0
+        if spacing == "leading" and (n - 1) * (T // n) + 1 <= T - 1:
+            yield n, 1
+
+
+def test_exact_rounding_oracle_is_fraction_rounding():
+    """The oracle of the step-list tests below: its integer round-half-to-even equals round() of a Fraction
+    (which rounds half to even) for every p/q with |p| ≤ 60 and 1 ≤ q ≤ 12, and it flags exactly the halves."""
+    p = np.arange(-60, 61)
+    for q in range(1, 13):
+        k, tie = _round_half_even(p, q)
+        assert k.tolist() == [round(Fraction(int(v), q)) for v in p]
+        assert tie.tolist() == [Fraction(int(v), q).denominator == 2 for v in p]
+
+
+@pytest.mark.parametrize("T", [1000, 37, 7])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_S9_timesteps_equal_exact_definition_except_float_ties(spacing, T):
+    """S9: for every N in 1..T, timesteps(N, T, spacing) is N distinct math t in 1..T, descending, and equals
+    k + 1 of the exact definition everywhere except where the exact value is a tie (half an integer), and
+    there it may be the other neighbour: the lists are computed in float64 as diffusers computes them, and float
+    error decides some exact ties (T = 1000: linspace at 92 values of N, e.g. 27, where diffusers agrees with
+    ldmkit; trailing at 11, e.g. 240; none at T = 37 or 7). docs/diffusers.md lists them."""
+    for n, offset in _spacing_cases(T, spacing):
+        t = schedules.timesteps(n, T, spacing, offset=offset)
+        assert t.dtype.kind == "i" and t.shape == (n,), (n, offset)
+        assert t[-1] >= 1 and t[0] <= T and np.all(np.diff(t) < 0), (n, offset)
+        k_exact, tie = _exact_spacing(n, T, spacing, offset)
+        off = np.nonzero(t - 1 != k_exact)[0]
+        assert np.all(tie[off]) and np.all(np.abs(t[off] - 1 - k_exact[off]) == 1), (n, offset, off)
+

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """256 built-in digits with labels, as an .npz (a small dataset keeps these tests fast)."""
-    with np.load(ROOT / "ldmkit" / "data" / "mnist8k.npz") as f:
+    with np.load(ROOT / "src" / "ldmkit" / "data" / "mnist8k.npz") as f:
         images, labels = f["images"][:256], f["labels"][:256]
     path = tmp_path_factory.mktemp("data") / "digits.npz"
     np.savez(path, images=images, labels=labels)
@@ -58,10 +58,10 @@ def assert_same(a, b, atol=0.0):
 def test_resume_gives_the_uninterrupted_parameters(digits, tmp_path, stop_after):
     """A run stopped after `stop_after` steps (checkpoints every 2) and resumed ends bit-identical to an
     uninterrupted run with the same seed, EMA and optimizer state included."""
-    full = T.train(tiny_config(digits), tmp_path / "full", device="cpu", progress=False)
-    T.train(tiny_config(digits), tmp_path / "cut", device="cpu", progress=False, stop_after=stop_after)
+    full = T.train(tiny_config(digits), tmp_path / "full", device="cpu")
+    T.train(tiny_config(digits), tmp_path / "cut", device="cpu", stop_after=stop_after)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == stop_after - stop_after % 2
-    resumed = T.train(tiny_config(digits), tmp_path / "cut", device="cpu", progress=False, resume=True)
+    resumed = T.train(tiny_config(digits), tmp_path / "cut", device="cpu", resume=True)
     assert_same(params(full), params(resumed))
     lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 11)) and {r["stage"] for r in lines} == {"vae", "unet"}
@@ -69,12 +69,12 @@ def test_resume_gives_the_uninterrupted_parameters(digits, tmp_path, stop_after)
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    T.train(tiny_config(digits), out, device="cpu", progress=False, stop_after=6)
+    T.train(tiny_config(digits), out, device="cpu", stop_after=6)
     before = (out / "checkpoint.pt").read_bytes()
     original = T.D.mse_per_example
     monkeypatch.setattr(T.D, "mse_per_example", lambda p, t: original(p, t) * float("nan"))
     with pytest.raises(T.TrainingDiverged, match=r"U-Net loss became nan at step 6.*untouched"):
-        T.train(tiny_config(digits), out, device="cpu", progress=False, resume=True)
+        T.train(tiny_config(digits), out, device="cpu", resume=True)
     assert (out / "checkpoint.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -85,7 +85,7 @@ def test_ddp_two_processes_equal_one_process(digits, tmp_path):
     same parameters after 4 VAE and 6 U-Net steps, to float32 tolerance (all-reduce sums in another order)."""
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(tiny_config(digits, checkpoint_every=0).to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     base = ["-m", "ldmkit", "train", "--config", str(cfg), "--device", "cpu", "--quiet"]
     one = subprocess.run([sys.executable, *base, "--out", str(tmp_path / "one")], env=env, capture_output=True,
                          text=True, timeout=300)
@@ -123,7 +123,7 @@ def test_cli_train_and_sample(digits, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    return T.train(tiny_config(digits, unet_steps=1, vae_steps=1), out, device="cpu", progress=False)
+    return T.train(tiny_config(digits, unet_steps=1, vae_steps=1), out, device="cpu")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -222,7 +222,7 @@ def test_cli_sample_refuses_bad_checkpoints(tiny_checkpoint, tmp_path):
 def test_cli_sample_unconditional_refuses_class_and_guidance(digits, tmp_path):
     config = tiny_config(digits, unet_steps=1, vae_steps=1)
     config.unet.num_classes = 0
-    ckpt = T.train(config, tmp_path / "uncond", device="cpu", progress=False)
+    ckpt = T.train(config, tmp_path / "uncond", device="cpu")
     for args, message in ((["--class", "3"], "the model is unconditional"),
                           (["--guidance", "2"], "guidance was given but the model is unconditional")):
         result = CliRunner().invoke(main, ["sample", str(ckpt), "--steps", "3", "-o", str(tmp_path / "g.png"), *args])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from ldmkit.common import __version__, atomic_write, one_line
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, __version__, atomic_write, one_line
 
 #: Exceptions that mean "bad input" (arguments, files, data), reported as one line with exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
@@ -180,6 +180,29 @@ def golden_regen(directory: Path | None) -> None:
 # ------------------------------------------------------------------------------------------- train
 
 
+class _StageBars:
+    """``progress`` for ``ldmkit.engine.train.train``: a click progress bar per stage on stderr (label,
+    position, "loss … img/s"); :meth:`close` finishes the last one."""
+
+    def __init__(self):
+        self.bar, self.text = None, ""
+
+    def __call__(self, label: str, done: int, total: int, record: dict | None) -> None:
+        if record is None:  # a stage starts (done > 0 when it resumes)
+            self.close()
+            self.text = ""
+            self.bar = click.progressbar(length=total, label=f"{label:5}", file=click.get_text_stream("stderr"),
+                                         item_show_func=lambda _: self.text, show_pos=True)
+        else:
+            self.text = f"loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s"
+        self.bar.update(done - self.bar.pos)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+            self.bar = None
+
+
 @main.command()
 @click.option("--data", default=None,
               help="'mnist' (the built-in 8,000 digits, the default), an IDX/.npz/.npy file, or a folder of images.")
@@ -225,24 +248,52 @@ def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps,
     config.train.__post_init__()
     out = out if out is not None else Path("runs") / preset
     start = time.perf_counter()
+    bars = None if quiet else _StageBars()
     try:
-        path = run_training(config, out, device=device, resume=resume, progress=not quiet)
+        path = run_training(config, out, device=device, resume=resume, progress=bars)
     except TrainingDiverged as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        if bars is not None:
+            bars.close()
     click.echo(f"trained in {time.perf_counter() - start:.0f} s: {path}")
 
 
 # ------------------------------------------------------------------------------------------ sample
 
 
+class SamplerChoice(click.Choice):
+    """``click.Choice`` over the names of ``reference.samplers.SAMPLERS``, read when first needed (parsing
+    ``--sampler`` or showing ``sample --help``), so that ``ldmkit --help`` imports no NumPy."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from ldmkit.reference.samplers import SAMPLERS
+
+        return tuple(SAMPLERS)
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns the (empty) list it was given
+        pass
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:  # one line, like every other bad argument (click's own adds the usage)
+            raise CommandError(f"sampler must be one of {list(self.choices)}, got {value!r}")
+        return value
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-n", "n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of images.")
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--sampler", default="ddim", show_default=True, help="ddim, ddpm, heun or dpmpp2m.")
+@click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True)
+@click.option("--sampler", type=SamplerChoice(), default=DEFAULT_SAMPLER, show_default=True)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM's eta (0: deterministic).")
 @click.option("--class", "class_id", type=int, default=None, help="Class id (default: all classes in turn).")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance w (default 3 if conditional).")
+@click.option("--guidance", type=float, default=None,
+              help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -263,18 +314,17 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, out
     import torch
 
     from ldmkit.engine.checkpoint import load_checkpoint
-    from ldmkit.engine.sample import generate, models_from_checkpoint, resolve_labels
-    from ldmkit.engine.train import resolve_device
+    from ldmkit.engine.device import resolve_device
+    from ldmkit.engine.sample import generate, models_from_checkpoint
 
     dev = resolve_device(device)
     config, vae, unet = models_from_checkpoint(load_checkpoint(source), dev)
-    labels = resolve_labels(config, n, class_id)
-    if guidance is None and labels is not None:
-        guidance = 3.0
+    k = config.unet.num_classes
+    if guidance is None and k:
+        guidance = DEFAULT_GUIDANCE
     with torch.inference_mode():
-        images = generate(config, vae, unet, n, labels, sampler, steps, eta, guidance, seed)
-    nrow = config.unet.num_classes if labels is not None and class_id is None else 8
-    write_images(output, images, nrow=nrow)
+        images = generate(config, vae, unet, n, class_id, sampler, steps, eta, guidance, seed)
+    write_images(output, images, nrow=k if k and class_id is None else 8)
     click.echo(f"wrote {n} images to {output}")
 
 
@@ -305,7 +355,7 @@ def export_group() -> None:
 @click.option("-o", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Artifact folder. Default: an onnx folder beside the checkpoint.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@click.option("--steps", type=int, default=50, show_default=True, help="Default step count in sampler.json.")
+@click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Default step count in sampler.json.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def export_onnx_command(checkpoint, out, opset, steps, force):
     """Write unet.onnx, vae_decoder.onnx, sampler.onnx and sampler.json (checked against the torch models)."""
@@ -335,8 +385,8 @@ def evaluate(checkpoint, nll_images, per_class, seed, device, output):
     import torch
 
     from ldmkit.engine.checkpoint import load_checkpoint
+    from ldmkit.engine.device import resolve_device
     from ldmkit.engine.evaluate import evaluate as run_eval
-    from ldmkit.engine.train import resolve_device
 
     output = output if output is not None else checkpoint.with_name("eval.json")
     if not output.parent.is_dir():
