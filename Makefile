@@ -11,7 +11,7 @@ EXTRAS ?= dev,engine,export,images
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test coverage lint golden demo clean venv
+.PHONY: test coverage lint typecheck golden demo clean venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ coverage: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The static check (also part of `make test`): pyright resolves every import in the repository and in a
+# script outside it. `$(VENV)/bin/pyright` alone lists pyright's full type report, which is not a gate.
+typecheck: $(STAMP)
+	$(PY) -m pytest -q tests/test_static.py
 
 golden: $(STAMP)
 	$(VENV)/bin/ldmkit golden regen --dir golden

@@ -67,6 +67,19 @@ def test_resume_gives_the_uninterrupted_parameters(digits, tmp_path, stop_after)
     assert [r["step"] for r in lines] == list(range(1, 11)) and {r["stage"] for r in lines} == {"vae", "unet"}
 
 
+def test_progress_callback(digits, tmp_path):
+    """progress(label, done, total, record): record None when a stage starts (at the resumed position),
+    then once per step with the step's metrics record."""
+    calls = []
+    T.train(tiny_config(digits), tmp_path / "run", device="cpu", stop_after=7, progress=lambda *a: calls.append(a))
+    T.train(tiny_config(digits), tmp_path / "run", device="cpu", resume=True, progress=lambda *a: calls.append(a))
+    seen = [(label, done, total, record and record["step"]) for label, done, total, record in calls]
+    assert seen == [("VAE", 0, 4, None), *[("VAE", i, 4, i) for i in range(1, 5)],
+                    ("U-Net", 0, 6, None), *[("U-Net", i, 6, 4 + i) for i in range(1, 4)],
+                    ("U-Net", 2, 6, None), *[("U-Net", i, 6, 4 + i) for i in range(3, 7)]]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert calls[-1][3] == lines[-1]
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(digits, tmp_path, monkeypatch):
     out = tmp_path / "run"
     T.train(tiny_config(digits), out, device="cpu", stop_after=6)
