@@ -1,6 +1,6 @@
 """Exact 2-Wasserstein error of each linear sampler on Gaussian data, by step count (no Monte Carlo).
 
-Data N(0.5, 0.2²) per dimension, the exact ε-denoiser (FORMULAS X1), Ho's linear schedule at T = 1000,
+Data N(0.5, 0.2²) per dimension, the exact ε-denoiser (docs/formulas.md: X1), Ho's linear schedule at T = 1000,
 "trailing" timesteps, x_T ~ N(0, I). Prints a Markdown table (the README's) and the exact law of
 DDIM with 50 steps. Run: python benchmarks/exact_w2_table.py
 """

@@ -1,4 +1,4 @@
-"""The checkpoint file (DESIGN.md "Checkpoint"): a ``torch.save`` of a plain dict, written atomically.
+"""The checkpoint file (docs/design.md, "Checkpoint"): a ``torch.save`` of a plain dict, written atomically.
 
 Keys: ``format`` {"name": "ldmkit", "version": 1}, ``config`` (``Config.to_dict()``), ``vae``, ``unet`` and
 ``ema`` (the U-Net's exponential moving average) state dicts, ``optimizer`` (a dict, possibly empty),

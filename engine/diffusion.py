@@ -1,4 +1,4 @@
-"""The engine's diffusion math: the training side (FORMULAS F2, L4, L5) in torch, and ``torch_model``, the
+"""The engine's diffusion math: the training side (docs/formulas.md: F2, L4, L5) in torch, and ``torch_model``, the
 bridge that lets the reference's samplers run the engine's U-Net.
 
 Sampling has no code here: ``ldmkit.reference.samplers`` (every loop, the denoiser's x̂_0/ε̂ conversion,
@@ -8,7 +8,7 @@ reference's model convention. tests/test_engine_diffusion.py holds both to the g
 
 Training: schedules are the reference's ``Schedule`` (float64 NumPy tables, math-indexed, length T+1). Here
 the tables live as float64 tensors on the sample's device; every coefficient is gathered in float64 and cast
-to the sample's dtype only when it multiplies a sample (ANCHORS: float32 tables lose ≈3e-4 relative in 1 − ᾱ
+to the sample's dtype only when it multiplies a sample (docs/anchors.md: float32 tables lose ≈3e-4 relative in 1 − ᾱ
 near t = 1). Per-example t is an int64 tensor (B,) or a Python int; noise is a tensor of the sample's shape
 or a ``torch.Generator``.
 """

@@ -7,10 +7,14 @@ Output:  images[B,c,H',W'] float32 in [0, 1].
 The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (ONNX Round and
 NumPy both round half to even, so it equals ``reference.schedules.timesteps(steps, T, "trailing")``), then
 runs an ONNX ``Loop`` over it whose body holds the U-Net's own nodes and weights (unet.onnx inlined, names
-prefixed ``unet/``): per step ONE U-Net call on [x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅), and
-the DDIM step of ``reference.samplers.ddim_step``. The loop state x is float64 and every coefficient is
-gathered from float64 tables of the reference ``Schedule``, as in the NumPy runtime; the U-Net sees x cast
-to float32. After the loop, vae_decoder.onnx's nodes (prefixed ``vae_decoder/``) decode z_0.
+prefixed ``unet/``): per step ONE U-Net call on [x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅)
+(``reference.samplers.cfg``, A9), and the DDIM step (A2). ONNX is a language of its own, so this module states
+the reference's formulas again, in the reference's own form: x̂_0 as ``reference.posterior.denoised`` (P3)
+and x_prev = ζ x̂_0 + ξ x_t as ``reference.posterior.ddim_coefficients`` (P6 with η = 0);
+tests/test_export.py holds the graph to the reference loop run by the engine on the same noise. The loop
+state x is float64 and every coefficient is gathered from float64 tables of the reference ``Schedule``, as
+in the NumPy runtime; the U-Net sees x cast to float32. After the loop, vae_decoder.onnx's nodes (prefixed
+``vae_decoder/``) decode z_0.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def _inline(g: _Graph, model: onnx.ModelProto, prefix: str, feeds: dict) -> str:
 
 
 def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction: str) -> str:
-    """DDIM η = 0 from t to t_prev on x (float64) given the (guided) model output e (float64), as
-    ``ddim_step``: x̂_0 by P3, ξ = √(1−ᾱ_prev)/√(1−ᾱ_t), ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ x̂_0 + ξ x."""
+    """DDIM η = 0 from t to t_prev on x (float64) given the (guided) model output e (float64), in the form of
+    ``reference.posterior.denoised`` and ``ddim_coefficients``: x̂_0 by P3, ξ = √(1−ᾱ_prev)/√(1−ᾱ_t),
+    ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ x̂_0 + ξ x."""
     def at(table, index):
         return g.op("Gather", tab[table], index)
 

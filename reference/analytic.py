@@ -1,4 +1,4 @@
-"""Analytic oracles (FORMULAS X1–X3, P9): data distributions whose optimal denoisers, scores and noisy
+"""Analytic oracles (docs/formulas.md: X1–X3, P9): data distributions whose optimal denoisers, scores and noisy
 marginals are known in closed form, for validating samplers, losses and the VLB.
 
 The noisy variable is x_t = a·x_0 + σ·ε (VP: a = √ᾱ_t, σ = √(1−ᾱ_t); VE: a = 1, σ = σ_t; random walk:

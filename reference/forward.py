@@ -1,4 +1,4 @@
-"""The forward (noising) process (FORMULAS F1–F4, S12).
+"""The forward (noising) process (docs/formulas.md: F1–F4, S12).
 
 Shapes: ``x0``/``x_prev`` are (B, ...) arrays (NCHW for images); ``t`` is a math timestep, a scalar or
 shape (B,), broadcast over the other axes. ``noise`` is an array of the same shape or a Generator.

@@ -1,4 +1,4 @@
-"""Divergences and likelihoods (FORMULAS K1–K7), in nats.
+"""Divergences and likelihoods (docs/formulas.md: K1–K7), in nats.
 
 Elementwise functions broadcast their arguments; reductions are the caller's (``losses`` sums them).
 """
@@ -18,7 +18,7 @@ _erfc = np.frompyfunc(math.erfc, 1, 1)
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """K1: KL(N(μ₁, σ₁²) ‖ N(μ₂, σ₂²)) elementwise = ½(log σ₂²/σ₁² − 1 + σ₁²/σ₂² + (μ₁−μ₂)²/σ₂²).
 
-    (FORMULAS writes it with q = the second argument, p = the first.) Shapes broadcast.
+    (docs/formulas.md writes it with q = the second argument, p = the first.) Shapes broadcast.
     """
     m1, lv1 = as_float_array(mean1, "mean1"), as_float_array(logvar1, "logvar1")
     m2, lv2 = as_float_array(mean2, "mean2"), as_float_array(logvar2, "logvar2")

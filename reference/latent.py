@@ -1,4 +1,4 @@
-"""Latent-diffusion glue (FORMULAS V1, V2): the latent scale, and the way back to pixels.
+"""Latent-diffusion glue (docs/formulas.md: V1, V2): the latent scale, and the way back to pixels.
 
 The diffusion runs on scaled latents z/std(z), so it sees unit variance whatever the VAE's latent scale;
 a sample z_0 of the reverse process is decoded as Decoder(z_0 · std(z)). Latents are (N, C, H, W).

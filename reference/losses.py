@@ -1,4 +1,4 @@
-"""Training objectives and the variational bound (FORMULAS L1–L11, with K1/K3–K5, F4, P1–P8).
+"""Training objectives and the variational bound (docs/formulas.md: L1–L11, with K1/K3–K5, F4, P1–P8).
 
 Shapes: data, noise and predictions are (B, ...) arrays (NCHW for images); ``t`` is a math timestep
 (1..T), a scalar or shape (B,). Unless a docstring says otherwise a loss returns one value per example,

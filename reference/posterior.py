@@ -1,4 +1,4 @@
-"""Posteriors and parameterisations (FORMULAS P1–P8).
+"""Posteriors and parameterisations (docs/formulas.md: P1–P8).
 
 Conversions take the noisy sample first: ``f(x_t, t, value, schedule)``, with x_t of shape (B, ...) and
 per-example math t (scalar or (B,)). The DDPM notation is used throughout; see ``schedules.su_from_ddpm``.

@@ -1,4 +1,4 @@
-"""Samplers (FORMULAS A1–A9): one-step updates and whole sampling loops.
+"""Samplers (docs/formulas.md: A1–A9): one-step updates and whole sampling loops.
 
 Each loop is written once, here, and runs on two kinds of arrays:
 - NumPy (the oracle): x_T and every model output become float64 and are checked (finite, of x's shape);
@@ -278,7 +278,7 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
 
     Computed as the mean of P6's q_σ(x_prev given x_t, x̂_0), ζ x̂_0 + ξ x_t, plus σ z. t_prev = 0 is the
     clean step (ᾱ_0 = 1, σ = 0): it returns x̂_0 exactly. η = 0 is deterministic; η = 1 with t_prev = t − 1
-    is DDPM with β̃_t. Take t_prev from the timestep list (never t − T//N, ANCHORS). ``clip`` as in
+    is DDPM with β̃_t. Take t_prev from the timestep list (never t − T//N, docs/anchors.md). ``clip`` as in
     ``ddpm_step``.
 
     Shapes: model_output and x_t (B, ...); t in 1..T and t_prev in 0..t−1, each scalar or (B,); eta ≥ 0

@@ -1,4 +1,4 @@
-"""Noise schedules (FORMULAS S1–S12), in float64 with the math's time indexing.
+"""Noise schedules (docs/formulas.md: S1–S12), in float64 with the math's time indexing.
 
 A discrete schedule with T steps is held as tables of length T+1 indexed by math t: ``betas[0] == 0``,
 ``alpha_bars[0] == 1`` and t = 1..T are the noisy steps. diffusers' 0-based timestep k is math t = k+1.

@@ -1,4 +1,4 @@
-"""Analytic oracles (FORMULAS X1–X3) and Su's two optimal reverse variances (P9).
+"""Analytic oracles (docs/formulas.md: X1–X3) and Su's two optimal reverse variances (P9).
 
 Truths used: posterior expectations by grid quadrature of prior × likelihood (1-D and 2-D grids), Monte
 Carlo of the forward process from data samples (fixed seeds, 5 standard errors), finite differences of

@@ -1,7 +1,7 @@
-"""Bad arguments raise ValueError/TypeError naming the argument (DESIGN: Errors), for every public
+"""Bad arguments raise ValueError/TypeError naming the argument (docs/design.md, "Errors"), for every public
 function of reference/{_checks, schedules, forward, posterior, kl, analytic}.
 
-Each case names the FORMULAS ID of the function it guards (S1–S12, F1–F4, P1–P9, K1–K7, X1–X3).
+Each case names the formula ID (docs/formulas.md) of the function it guards (S1–S12, F1–F4, P1–P9, K1–K7, X1–X3).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def test_checks_helpers_name_the_argument():
 
 
 def test_zero_terminal_snr_refuses_eps_prediction_at_T_but_allows_v():
-    """ANCHORS trap: zero terminal SNR with ε-prediction divides by √ᾱ_T = 0 — refused with a clear error;
+    """docs/anchors.md trap: zero terminal SNR with ε-prediction divides by √ᾱ_T = 0 — refused with a clear error;
     v- and x0-prediction stay finite at t = T."""
     with pytest.raises(ValueError, match=r"v- or x0-prediction"):
         posterior.x0_eps_from_output(np.zeros((1, 2)), np.ones((1, 2)), 10, ZSNR, prediction="eps")

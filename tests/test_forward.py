@@ -1,4 +1,4 @@
-"""The forward process (FORMULAS F1–F4, S12).
+"""The forward process (docs/formulas.md: F1–F4, S12).
 
 Monte Carlo checks use a fixed seed and a tolerance of 5 standard errors: for a sample mean of n draws
 of variance v the SE is √(v/n); for a sample variance it is v·√(2/(n−1)) (Gaussian data).

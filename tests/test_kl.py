@@ -1,4 +1,4 @@
-"""Divergences and likelihoods (FORMULAS K1–K7).
+"""Divergences and likelihoods (docs/formulas.md: K1–K7).
 
 Monte Carlo estimates use a fixed seed and 5 standard errors (SE = sample SD of the log-ratio / √n);
 quadrature uses composite Gauss–Legendre rules written here, independent of the erfc the code uses.

@@ -1,4 +1,4 @@
-"""Training losses and their weights (FORMULAS L4, L5, L7, L8, L9, L10, L11, and F4).
+"""Training losses and their weights (docs/formulas.md: L4, L5, L7, L8, L9, L10, L11, and F4).
 
 Each test proves a formula against an independent truth: a hand derivation written out in the test, a
 closed form for Gaussian data, an exact quadrature, or a Monte Carlo estimate with a tolerance of

@@ -1,4 +1,4 @@
-"""Packaging and the dependency rule (DESIGN.md): what imports what, and what an installed wheel holds.
+"""Packaging and the dependency rule (docs/design.md): what imports what, and what an installed wheel holds.
 
 The import checks run in a subprocess with a ``sys.meta_path`` finder that makes the forbidden modules
 unimportable, so they hold whatever happens to be installed in the test environment.
@@ -81,7 +81,7 @@ def test_reference_imports_without_torch():
 
 
 def test_reference_imports_only_numpy():
-    """DESIGN.md: ldmkit.reference depends on numpy only (plus the standard library)."""
+    """docs/design.md: ldmkit.reference depends on numpy only (plus the standard library)."""
     out = _check(
         run_python(
             """

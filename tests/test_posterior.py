@@ -1,4 +1,4 @@
-"""Posteriors and parameterisations (FORMULAS P1–P8; P9 is in test_analytic.py).
+"""Posteriors and parameterisations (docs/formulas.md: P1–P8; P9 is in test_analytic.py).
 
 Grid checks compute a posterior by Bayes' rule on a fine 1-D grid (prior density × likelihood, normalised
 numerically); a uniform grid with ≥ 25 points per posterior standard deviation over ±12 SD integrates a
@@ -287,7 +287,7 @@ def test_P7_ddim_sigma_eta1_is_beta_tilde(sched):
 
 
 def test_P7_ddim_variance_anchors():
-    """P7: ANCHORS DDIM variances (η = 1) on linear T = 1000: k 420 → 400 gives 0.14771, 980 → 960 gives
+    """P7: docs/anchors.md DDIM variances (η = 1) on linear T = 1000: k 420 → 400 gives 0.14771, 980 → 960 gives
     0.32460 (math t = k + 1). The published digits are truncated (0.1477195…), and diffusers' own test
     checks them to 1e-5, so that is the tolerance here."""
     assert float(posterior.ddim_sigma(421, 401, 1.0, LINEAR)) ** 2 == pytest.approx(0.14771, abs=1e-5)

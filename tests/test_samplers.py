@@ -218,7 +218,7 @@ def test_respaced_ddpm_calls_model_with_parent_timesteps_S8():
 
 
 def test_zero_terminal_snr_needs_v_prediction():
-    """ANCHORS: on a zero-terminal-SNR schedule ε-prediction divides by √ᾱ_T = 0 (ValueError at t = T),
+    """docs/anchors.md: on a zero-terminal-SNR schedule ε-prediction divides by √ᾱ_T = 0 (ValueError at t = T),
     while v-prediction samples; with x_T at the exact marginal mean (0) and no noise, DDPM, DDIM and
     DPM-Solver++ return the Gaussian data mean exactly (the discrete samplers propagate the mean exactly)."""
     zt = Schedule.from_betas(rescale_zero_terminal_snr(linear_betas(T)))

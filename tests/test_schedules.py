@@ -1,7 +1,7 @@
-"""Noise schedules (FORMULAS S1–S12, plus karras_sigmas, ancestral_sigmas, zero-terminal SNR, Su mapping).
+"""Noise schedules (docs/formulas.md: S1–S12, plus karras_sigmas, ancestral_sigmas, zero-terminal SNR, Su mapping).
 
 Every expected value is computed here independently of ``reference/schedules.py`` (products as sums of
-log1p, closed forms written out again, numerical quadrature) or taken from ANCHORS.md (published
+log1p, closed forms written out again, numerical quadrature) or taken from docs/anchors.md (published
 numbers from diffusers / improved-diffusion / EDM; diffusers' 0-based k is our math t = k + 1).
 """
 
@@ -37,7 +37,7 @@ def test_S1_linear_betas_endpoints_and_alpha_bar_T():
 
 
 def test_S1_P1_posterior_variance_anchors():
-    """S1/P1: ANCHORS β̃ at diffusers k = 0, 487, 999 (math t = 1, 488, 1000): 0, 0.00979, 0.02."""
+    """S1/P1: docs/anchors.md β̃ at diffusers k = 0, 487, 999 (math t = 1, 488, 1000): 0, 0.00979, 0.02."""
     sched = Schedule.named("linear", 1000)
     ab = alpha_bar_indep(linear_indep(1000, 1e-4, 0.02))
     b = np.concatenate([[0.0], linear_indep(1000, 1e-4, 0.02)])
@@ -81,7 +81,8 @@ def test_S3_cosine_alpha_bar_is_f_ratio_where_unclipped():
 
 
 def test_S3_cosine_anchors():
-    """S3: ANCHORS cosine numbers at T = 1000: β(k=0) 4.1284e-5, β(k=998) 0.749999, β(k=999) = 0.999, ᾱ_T ≈ 2.43e-9."""
+    """S3: docs/anchors.md cosine numbers at T = 1000: β(k=0) 4.1284e-5, β(k=998) 0.749999, β(k=999) = 0.999,
+    ᾱ_T ≈ 2.43e-9."""
     b = schedules.cosine_betas(1000)
     assert b[0] == pytest.approx(4.1284e-5, rel=2e-5)
     assert b[998] == pytest.approx(0.749999, abs=1e-6)
@@ -201,7 +202,7 @@ def test_S8_respace_reproduces_alpha_bar_on_subsequence():
 
 
 def test_S8_respace_ddim10_anchor():
-    """S8: ANCHORS 'ddim10' (stride 100 from k = 0, i.e. math t = 1, 101, …, 901) on linear T = 1000:
+    """S8: docs/anchors.md 'ddim10' (stride 100 from k = 0, i.e. math t = 1, 101, …, 901) on linear T = 1000:
     β' = [1e-4, 0.104769, 0.266767, …, 0.820736]."""
     sched = Schedule.named("linear", 1000)
     new = schedules.respace(sched, np.arange(1, 1001, 100))
@@ -241,7 +242,7 @@ def test_S8_respace_timestep_map_composes():
     ],
 )
 def test_S9_timestep_spacings_anchor(n, spacing, k_expected):
-    """S9: ANCHORS spacings (diffusers k) for T = 1000; ldmkit returns math t = k + 1, descending."""
+    """S9: docs/anchors.md spacings (diffusers k) for T = 1000; ldmkit returns math t = k + 1, descending."""
     t = schedules.timesteps(n, 1000, spacing)
     assert t.dtype.kind == "i"
     np.testing.assert_array_equal(t, np.array(k_expected) + 1)
@@ -354,7 +355,7 @@ def test_karras_sigmas_anchor():
 
 def test_ancestral_sigmas_k_diffusion_formula():
     """k-diffusion's ancestral split from σ 10 → 5 (η = 1): σ_up = √(σ_to²(σ_from²−σ_to²)/σ_from²) = 4.3301,
-    σ_down = √(σ_to² − σ_up²) = 2.5. (ANCHORS.md lists the two swapped; the formula gives these.)
+    σ_down = √(σ_to² − σ_up²) = 2.5 (the list these numbers came from has the two swapped; the formula gives these).
     Returns (σ_down, σ_up) as k-diffusion's get_ancestral_step does."""
     down, up = schedules.ancestral_sigmas(10.0, 5.0, 1.0)
     assert up == pytest.approx(math.sqrt(25 * 75 / 100), rel=1e-14)

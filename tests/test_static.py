@@ -1,5 +1,5 @@
 """Static tools follow the package: pyright resolves every ``ldmkit.*`` import inside the repository and from
-a script outside it, and sees ``Schedule``'s tables (DESIGN: the src layout with links, README "Layout").
+a script outside it, and sees ``Schedule``'s tables (docs/design.md: the src layout with links, README "Layout").
 
 pyright is a dev dependency (pinned in pyproject.toml); its first run fetches its Node.js part from the npm
 registry. The repository check counts only import resolution (the rest of pyright's type checking is not a

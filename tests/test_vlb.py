@@ -1,4 +1,4 @@
-"""The variational bound (FORMULAS L1, L2, L3, L6 with K1, K4, K5, F4, P9, X1–X3).
+"""The variational bound (docs/formulas.md: L1, L2, L3, L6 with K1, K4, K5, F4, P9, X1–X3).
 
 Expectations over the forward noise are computed by quadrature, not Monte Carlo: term t of ``vlb_terms``
 depends only on x_0 and the noise slot t−1, so feeding every slot the same grid of noise values and
