@@ -7,11 +7,9 @@ dataclass, refusing unknown or missing keys and wrong types with a ValueError th
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 
+from ldmkit.common import from_dict, to_plain
 from ldmkit.reference.schedules import SCHEDULE_NAMES
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -194,55 +192,12 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples become lists) for the checkpoint."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
         """Inverse of ``to_dict``; ValueError naming any unknown, missing or mistyped key."""
-        return _from_dict(cls, d, "config")
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _from_dict(cls, d, where: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{where} must be a dict, got {type(d).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(names), key=str)
-    missing = [n for n in names if n not in d]
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {unknown}; expected {names}")
-    if missing:
-        raise ValueError(f"{where} is missing key(s) {missing}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{n: _coerce(d[n], hints[n], f"{where}.{n}") for n in names})
-
-
-def _coerce(value, tp, where: str):
-    """``value`` checked against the annotation ``tp`` (one of the few plain types the configs use)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(value, tp, where)
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list of {args[0].__name__}, got {type(value).__name__}")
-        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ValueError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
+        return from_dict(cls, d, "config")
 
 
 def _demo() -> Config:

@@ -26,11 +26,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, one_line
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, from_dict, one_line
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.sample import generate, models_from_checkpoint
 from ldmkit.reference.schedules import Schedule, timesteps
 
+from . import manifest as M
 from . import runtime as rt
 from .sampler_graph import build_sampler
 
@@ -88,7 +89,7 @@ def _tag(model: onnx.ModelProto, role: str, digest: str) -> onnx.ModelProto:
     """``model`` with ldmkit's metadata (its role, the manifest's model digest), checked by onnx.checker."""
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, {rt.META_ROLE: role, rt.META_DIGEST: digest,
-                                        rt.META_FORMAT: f"{rt.FORMAT_NAME}/{rt.FORMAT_VERSION}"})
+                                        rt.META_FORMAT: f"{M.FORMAT_NAME}/{M.FORMAT_VERSION}"})
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -196,7 +197,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "defaults": {"sampler": DEFAULT_SAMPLER, "steps": steps, "eta": 0.0, "guidance": guidance,
                      "timesteps": timesteps(steps, T, SPACING).tolist()},
     }
-    digest = rt.model_digest(model)
+    digest = M.model_digest(from_dict(M.Model, model, "model"))
 
     x = torch.randn(2, *config.latent_shape)
     t = torch.tensor([1, T])
@@ -211,10 +212,10 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
     parity["sampler"] = _parity_loop(sessions["sampler"], config, vae, unet, steps, guidance, log)
 
     manifest = {
-        "format": {"name": rt.FORMAT_NAME, "version": rt.FORMAT_VERSION}, "ldmkit_version": __version__,
+        "format": {"name": M.FORMAT_NAME, "version": M.FORMAT_VERSION}, "ldmkit_version": __version__,
         "opset": opset, "model": model, "conventions": CONVENTIONS,
-        "files": {role: {"path": rt.FILES[role], "sha256": rt.sha256_bytes(blobs[role]), **_io(sessions[role])}
-                  for role in rt.FILES},
+        "files": {role: {"path": M.FILES[role], "sha256": rt.sha256_bytes(blobs[role]), **_io(sessions[role])}
+                  for role in M.FILES},
         "parity": {"max_abs_error": parity, "tolerance": TOLERANCE,
                    "batches": list(PARITY_BATCHES), "sampler_check": f"DDIM-{steps}, batch 2, vs torch"},
         "checkpoint": {"file": checkpoint_path.name, "step": ckpt["step"]},
@@ -223,8 +224,8 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
     tmp.mkdir()
     try:
         for role, data in blobs.items():
-            (tmp / rt.FILES[role]).write_bytes(data)
-        (tmp / rt.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            (tmp / M.FILES[role]).write_bytes(data)
+        (tmp / M.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         rt.OnnxSampler(tmp, provider="cpu")  # the artifact loads and checks as a host will see it
         _replace(tmp, out)
     except BaseException:

@@ -27,124 +27,33 @@ Explicit ``noise=(x_T, loop_noise)`` float32 arrays give the same images through
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, one_line
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, one_line
 from ldmkit.reference import samplers as R
-from ldmkit.reference.posterior import PREDICTIONS
-from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
+from ldmkit.reference.schedules import Schedule
 
-FORMAT_NAME = "ldmkit-onnx"
-FORMAT_VERSION = 1
-MANIFEST = "sampler.json"
-FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
+from . import manifest as M
+from .manifest import MANIFEST
+
 PROVIDERS = ("auto", "cpu", "cuda")
 DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 META_ROLE, META_DIGEST, META_FORMAT = "ldmkit.role", "ldmkit.model_sha256", "ldmkit.format"
-
-# sampler.json's "model" section: key -> (type, check, what a valid value is)
-_MODEL_KEYS = {
-    "schedule": (str, lambda v: v in SCHEDULE_NAMES, f"one of {list(SCHEDULE_NAMES)}"),
-    "T": (int, lambda v: v >= 1, "an int >= 1"),
-    "alpha_bars": (list, lambda v: all(isinstance(a, float) for a in v), "a list of floats"),
-    "prediction": (str, lambda v: v in PREDICTIONS, f"one of {list(PREDICTIONS)}"),
-    "latent_shape": (list, lambda v: _ints(v, 3), "[C, H, W]"),
-    "latent_scale": (float, lambda v: v > 0, "a float > 0"),
-    "image_shape": (list, lambda v: _ints(v, 3), "[C, H, W]"),
-    "num_classes": (int, lambda v: v >= 0, "an int >= 0"),
-    "null_class": ((int, type(None)), lambda v: True, "an int or null"),
-    "timestep_spacing": (str, lambda v: v == SPACING, f"{SPACING!r}"),
-    "defaults": (dict, lambda v: True, "a dict"),
-}
-_DEFAULT_KEYS = {
-    "sampler": (str, lambda v: v in R.SAMPLERS, f"one of {list(R.SAMPLERS)}"),
-    "steps": (int, lambda v: v >= 1, "an int >= 1"),
-    "eta": (float, lambda v: v >= 0, "a float >= 0"),
-    "guidance": ((float, type(None)), lambda v: v is None or v >= 0, "a float >= 0 or null"),
-    "timesteps": (list, lambda v: _ints(v, len(v)), "a list of ints"),
-}
-
-
-def _ints(v, n: int) -> bool:
-    return len(v) == n and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in v)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_digest(model: dict) -> str:
-    """sha256 of the canonical JSON of sampler.json's "model" section; each .onnx carries it as metadata."""
-    return sha256_bytes(json.dumps(model, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _check_keys(section, spec: dict, where: str) -> None:
-    if not isinstance(section, dict):
-        raise ValueError(f"{where} must be an object, got {type(section).__name__}")
-    missing = [k for k in spec if k not in section]
-    if missing:
-        raise ValueError(f"{where} is missing key(s) {missing}")
-    for key, (tp, ok, what) in spec.items():
-        value = section[key]
-        if isinstance(value, bool) or not isinstance(value, tp) or not ok(value):
-            raise ValueError(f"{where}.{key} must be {what}, got {value!r:.80}")
-
-
-def load_manifest(folder) -> dict:
-    """sampler.json of an artifact folder, checked: format, keys and types, the schedule table against the
-    reference's ``Schedule.named``, the default timesteps, the file names. ValueError naming the problem."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"ONNX artifact folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not an ONNX artifact folder (ldmkit export onnx writes one)")
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is a folder without {MANIFEST}: not an ldmkit ONNX artifact "
-                                "(ldmkit export onnx writes one)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")
-    if fmt.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {fmt.get('version')!r} is not supported; this ldmkit "
-                         f"({__version__}) reads version {FORMAT_VERSION}")
-    _check_keys(manifest, {"ldmkit_version": (str, bool, "a string"), "opset": (int, lambda v: v > 0, "an int"),
-                           "model": (dict, bool, "an object"), "files": (dict, bool, "an object")}, str(path))
-    model = manifest["model"]
-    _check_keys(model, _MODEL_KEYS, f"{path}: model")
-    _check_keys(model["defaults"], _DEFAULT_KEYS, f"{path}: model.defaults")
-    T, k = model["T"], model["num_classes"]
-    expected = Schedule.named(model["schedule"], T).alpha_bars
-    if len(model["alpha_bars"]) != T + 1 or not np.array_equal(np.array(model["alpha_bars"]), expected):
-        raise ValueError(f"{path}: model.alpha_bars is not the {model['schedule']!r} schedule with T = {T}")
-    if model["null_class"] != (k if k > 0 else None):
-        raise ValueError(f"{path}: model.null_class must be num_classes ({k}) or null when unconditional")
-    d = model["defaults"]
-    if not 1 <= d["steps"] <= T or d["timesteps"] != timesteps(d["steps"], T, SPACING).tolist():
-        raise ValueError(f"{path}: model.defaults.timesteps is not the {SPACING} list for steps = {d['steps']}")
-    for role, name in FILES.items():
-        entry = manifest["files"].get(role)
-        _check_keys(entry, {"path": (str, lambda v, n=name: v == n, repr(name)),
-                            "sha256": (str, lambda v: len(v) == 64, "64 hex digits"),
-                            "inputs": (list, bool, "a list"), "outputs": (list, bool, "a list")},
-                    f"{path}: files.{role}")
-    return manifest
-
-
-def _read_checked(folder: Path, entry: dict) -> bytes:
-    path = folder / entry["path"]
+def _read_checked(folder: Path, entry: M.File) -> bytes:
+    path = folder / entry.path
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the ONNX artifact")
     data = path.read_bytes()
-    if sha256_bytes(data) != entry["sha256"]:
+    if sha256_bytes(data) != entry.sha256:
         raise ValueError(f"{path} does not match the sha256 recorded in {MANIFEST}: the file was changed or swapped")
     return data
 
@@ -181,14 +90,14 @@ def describe_io(args) -> list[dict]:
              "shape": [d if isinstance(d, int) else "batch" for d in a.shape]} for a in args]
 
 
-def check_session(session: ort.InferenceSession, entry: dict, role: str, digest: str, source) -> None:
+def check_session(session: ort.InferenceSession, entry: M.File, role: str, digest: str, source) -> None:
     """The session's inputs/outputs must be those sampler.json declares and its metadata must name ``role``
     and the manifest's model digest; ValueError naming ``source`` otherwise."""
     got = {"inputs": describe_io(session.get_inputs()), "outputs": describe_io(session.get_outputs())}
     for key in ("inputs", "outputs"):
-        if got[key] != entry[key]:
+        if got[key] != list(getattr(entry, key)):
             raise ValueError(f"{source}: its {key} {got[key]} differ from those {MANIFEST} declares for {role} "
-                             f"{entry[key]}")
+                             f"{list(getattr(entry, key))}")
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get(META_ROLE) != role:
         raise ValueError(f"{source} is the artifact's {meta.get(META_ROLE)!r} model, not its {role!r} model")
@@ -204,13 +113,13 @@ class OnnxSampler:
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None, spinning: bool = True):
         self.path = Path(path)
-        self.manifest = load_manifest(self.path)
-        self.model = self.manifest["model"]
-        self.schedule = Schedule.named(self.model["schedule"], self.model["T"])
-        self.latent_shape = tuple(self.model["latent_shape"])
-        self.num_classes = self.model["num_classes"]
-        self._digest = model_digest(self.model)
-        self._blobs = {role: _read_checked(self.path, self.manifest["files"][role]) for role in FILES}
+        self.manifest = M.read_manifest(self.path)
+        self.model = self.manifest.model
+        self.schedule = Schedule.named(self.model.schedule, self.model.T)
+        self.latent_shape = tuple(self.model.latent_shape)
+        self.num_classes = self.model.num_classes
+        self._digest = M.model_digest(self.model)
+        self._blobs = {role: _read_checked(self.path, self.manifest.files[role]) for role in M.FILES}
         self._providers = _providers(provider)
         self._options = session_options(threads, spinning)
         self.unet = self._session("unet")
@@ -225,8 +134,8 @@ class OnnxSampler:
         self._unet_out = self.unet.get_outputs()[0].name
 
     def _session(self, role: str) -> ort.InferenceSession:
-        entry = self.manifest["files"][role]
-        source = self.path / entry["path"]
+        entry = self.manifest.files[role]
+        source = self.path / entry.path
         try:
             session = ort.InferenceSession(self._blobs[role], self._options, providers=self._providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
@@ -245,7 +154,7 @@ class OnnxSampler:
     def check(self, n, sampler: str, steps: int, eta: float, guidance) -> R.SamplerInfo:
         """ValueError naming the argument (``reference.samplers.check_sampling``, and n < 1); the sampler's row."""
         R.class_labels(n, 0)
-        return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model["null_class"])
+        return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model.null_class)
 
     def noise(self, n: int, steps: int, seed: int, loop: bool = True):
         """(x_T (n, C, H, W), loop noise (steps, n, C, H, W) or None) float32 from ``default_rng(seed)``."""
@@ -306,8 +215,8 @@ class OnnxSampler:
         info = self.check(n, sampler, steps, eta, guidance)
         y = self.labels(n, labels)
         x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
-        z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model["prediction"], y,
-                     guidance, self.model["null_class"])
+        z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
+                     guidance, self.model.null_class)
         return self.decode(z)
 
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,

@@ -12,7 +12,7 @@ from ldmkit.images import write_images
 
 artifact, out = sys.argv[1], sys.argv[2]
 sampler = OnnxSampler(artifact)  # checks sampler.json, the sha256 of each .onnx file, and their inputs/outputs
-print(f"{artifact}: {sampler.num_classes} classes, T = {sampler.model['T']}, running on {sampler.provider}")
+print(f"{artifact}: {sampler.num_classes} classes, T = {sampler.model.T}, running on {sampler.provider}")
 
 # Two of each digit with classifier-free guidance w = 3: DDIM (reference loop around unet.onnx), 25 steps.
 labels = np.repeat(np.arange(10), 2)

@@ -336,7 +336,7 @@ def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, devic
     runner = OnnxSampler(folder, provider=device)
     k = runner.num_classes
     if guidance is None and k:
-        guidance = runner.model["defaults"]["guidance"]
+        guidance = runner.model.defaults.guidance
     images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed)
     write_images(output, images, nrow=k if k and class_id is None else 8)
     click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider})")

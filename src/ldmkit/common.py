@@ -9,16 +9,19 @@ types in ``reference.posterior.PREDICTIONS``; the ONNX artifact's schema in ``ex
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ldmkit import __version__
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SPACING", "__version__", "atomic_write",
-           "one_line"]
+           "checked", "from_dict", "one_line", "to_plain"]
 
 DEFAULT_SAMPLER = "ddim"
 """The sampler that ``ldmkit sample``, the training grids, ``ldmkit eval`` and sampler.json use by default."""
@@ -71,3 +74,83 @@ def atomic_write(path, binary: bool = True) -> Iterator[IO]:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------------
+# plain data (JSON, checkpoint dicts) <-> dataclasses: the config and the ONNX artifact's manifest
+# ------------------------------------------------------------------------------------------------------
+
+
+def checked(valid: str, check=None, **kwargs) -> Any:
+    """A dataclass field that ``from_dict`` checks: ``check(value)`` must hold (after the type check), and
+    either failure says "<where> must be <valid>, got <value>"."""
+    return dataclasses.field(metadata={"valid": valid, "check": check}, **kwargs)
+
+
+def to_plain(value):
+    """A dataclass (or nested dicts, lists, tuples) as plain JSON-ready data: tuples become lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def from_dict(cls, d, where: str):
+    """The dataclass ``cls`` from plain data ``d``; ValueError naming (``where``.key) any unknown, missing or
+    mistyped key, and any value that fails its field's ``checked`` condition. Nested dataclasses, optional
+    values, ``tuple[X, ...]`` and ``dict[str, X]`` are read recursively; an int is taken where a float is due."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a dict (a JSON object), got {type(d).__name__}")
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields]
+    unknown = sorted(set(d) - set(names), key=str)
+    missing = [n for n in names if n not in d]
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; expected {names}")
+    if missing:
+        raise ValueError(f"{where} is missing key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields:
+        valid, check, key = f.metadata.get("valid"), f.metadata.get("check"), _key(where, f.name)
+        value = _coerce(d[f.name], hints[f.name], key, valid)
+        if check is not None and not check(value):
+            raise ValueError(f"{key} must be {valid}, got {d[f.name]!r:.80}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _key(where: str, name: str) -> str:
+    """How an error names a key: "config.unet.base_channels", or "FILE: model.T" below a ``where`` ending in ":"."""
+    return f"{where} {name}" if where.endswith(":") else f"{where}.{name}"
+
+
+def _coerce(value, tp, where: str, valid: str | None = None):
+    """``value`` checked against the annotation ``tp`` (one of the few plain types the dataclasses use)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(value, tp, where, valid)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be {valid or 'a list of ' + args[0].__name__}, got {type(value).__name__}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]", valid) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be {valid or 'an object'}, got {type(value).__name__}")
+        return {k: _coerce(v, args[1], _key(where, k)) for k, v in value.items()}
+    tp = origin or tp
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        if valid is not None:
+            raise ValueError(f"{where} must be {valid}, got {value!r:.80}")
+        raise ValueError(f"{where} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value

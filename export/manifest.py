@@ -1,0 +1,142 @@
+"""sampler.json, the ONNX artifact's manifest, as dataclasses: written by ``onnx_export``, read and checked by
+``runtime`` (NumPy and the reference only; never torch or onnx).
+
+    format          {"name": "ldmkit-onnx", "version": 1}
+    ldmkit_version  the ldmkit that exported it
+    opset           the ONNX opset of the three graphs
+    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes, classes, ``Defaults``
+    files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
+    conventions     plain-language notes for hosts that drive unet.onnx themselves
+    parity          the export's checks against torch (max abs errors, tolerance)
+    checkpoint      the checkpoint it came from (file name, step)
+
+Each .onnx carries the sha256 of the canonical JSON of ``model`` (``model_digest``) in its metadata, so a
+file and a manifest from different exports do not pass as one artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldmkit.common import SPACING, __version__, checked, from_dict, to_plain
+from ldmkit.reference.posterior import PREDICTIONS
+from ldmkit.reference.samplers import SAMPLERS
+from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
+
+FORMAT_NAME = "ldmkit-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "sampler.json"
+FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
+
+
+def _shape(v) -> bool:
+    return len(v) == 3 and all(a >= 0 for a in v)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What ``ldmkit sample DIR`` uses when not told: sampler, steps (and their step list), η, guidance w."""
+
+    sampler: str = checked(f"one of {list(SAMPLERS)}", lambda v: v in SAMPLERS)
+    steps: int = checked("an int >= 1", lambda v: v >= 1)
+    eta: float = checked("a float >= 0", lambda v: v >= 0)
+    guidance: float | None = checked("a float >= 0 or null", lambda v: v is None or v >= 0)
+    timesteps: tuple[int, ...] = checked("a list of ints")
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model a host drives: ``alpha_bars`` is ᾱ_t for math t = 0..T of ``Schedule.named(schedule, T)``."""
+
+    schedule: str = checked(f"one of {list(SCHEDULE_NAMES)}", lambda v: v in SCHEDULE_NAMES)
+    T: int = checked("an int >= 1", lambda v: v >= 1)
+    alpha_bars: tuple[float, ...] = checked("a list of floats")
+    prediction: str = checked(f"one of {list(PREDICTIONS)}", lambda v: v in PREDICTIONS)
+    latent_shape: tuple[int, ...] = checked("[C, H, W]", _shape)
+    latent_scale: float = checked("a float > 0", lambda v: v > 0)
+    image_shape: tuple[int, ...] = checked("[C, H, W]", _shape)
+    num_classes: int = checked("an int >= 0", lambda v: v >= 0)
+    null_class: int | None = checked("an int or null")
+    timestep_spacing: str = checked(repr(SPACING), lambda v: v == SPACING)
+    defaults: Defaults
+
+    def check(self, where: str) -> None:
+        """What ties the fields together; ValueError naming the problem."""
+        expected = Schedule.named(self.schedule, self.T).alpha_bars
+        if len(self.alpha_bars) != self.T + 1 or not np.array_equal(np.array(self.alpha_bars), expected):
+            raise ValueError(f"{where}: model.alpha_bars is not the {self.schedule!r} schedule with T = {self.T}")
+        k = self.num_classes
+        if self.null_class != (k if k > 0 else None):
+            raise ValueError(f"{where}: model.null_class must be num_classes ({k}) or null when unconditional")
+        d = self.defaults
+        if not 1 <= d.steps <= self.T or list(d.timesteps) != timesteps(d.steps, self.T, SPACING).tolist():
+            raise ValueError(f"{where}: model.defaults.timesteps is not the {SPACING} list for steps = {d.steps}")
+
+
+@dataclass(frozen=True)
+class File:
+    """One graph of the artifact: its file name, sha256, and the inputs/outputs its session must have."""
+
+    path: str
+    sha256: str = checked("64 hex digits", lambda v: len(v) == 64)
+    inputs: tuple[dict, ...] = checked("a list")
+    outputs: tuple[dict, ...] = checked("a list")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """sampler.json (see the module docstring)."""
+
+    format: dict
+    ldmkit_version: str
+    opset: int = checked("an int > 0", lambda v: v > 0)
+    model: Model
+    files: dict[str, File]
+    conventions: dict
+    parity: dict
+    checkpoint: dict
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+def model_digest(model: Model) -> str:
+    """sha256 of the canonical JSON of the manifest's ``model``; each .onnx carries it as metadata."""
+    return hashlib.sha256(json.dumps(to_plain(model), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_manifest(folder) -> Manifest:
+    """sampler.json of an artifact folder, checked: format, keys and types, the schedule table against the
+    reference's ``Schedule.named``, the default timesteps, the file names. ValueError naming the problem
+    (FileNotFoundError for a missing folder or file)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"ONNX artifact folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not an ONNX artifact folder (ldmkit export onnx writes one)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is a folder without {MANIFEST}: not an ldmkit ONNX artifact "
+                                "(ldmkit export onnx writes one)")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")
+    if fmt.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {fmt.get('version')!r} is not supported; this ldmkit "
+                         f"({__version__}) reads version {FORMAT_VERSION}")
+    manifest = from_dict(Manifest, raw, f"{path}:")
+    manifest.model.check(str(path))
+    for role, name in FILES.items():
+        entry = manifest.files.get(role)
+        if entry is None or entry.path != name:
+            raise ValueError(f"{path}: files.{role} must be an entry for {name!r}, got {to_plain(entry)!r:.80}")
+    return manifest
