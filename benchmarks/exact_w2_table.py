@@ -12,7 +12,7 @@ from ldmkit.reference import analytic, exact, schedules
 STEPS = (10, 20, 50, 100, 1000)
 LABELS = {"ddpm": "DDPM, σ² = β̃ (A1)", "ddpm_beta": "DDPM, σ² = β (A1)", "ddim": "DDIM η = 0 (A2)",
           "ddim_eta0.5": "DDIM η = 0.5 (A2)", "ddim_eta1": "DDIM η = 1 (A2)",
-          "heun": "Heun, PF-ODE (A5; 2N−1 model calls)", "dpmpp_2m": "DPM-Solver++(2M)"}
+          "heun": "Heun, PF-ODE (A5; 2N−1 model calls)", "dpmpp2m": "DPM-Solver++(2M)"}
 
 
 def main() -> None:

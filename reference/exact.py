@@ -104,29 +104,31 @@ def gaussian_w2(mean1, var1, mean2, var2) -> float:
 
 def sampler_law(name: str, data: GaussianData, schedule: Schedule, num_steps: int, spacing: str = "trailing"):
     """Exact output law (mean, var) of sampler ``name`` with ``num_steps`` steps on the exact ε-model of
-    ``data``: 'ddpm' (β̃), 'ddpm_beta' (β), 'ddim' (η=0), 'ddim_eta0.5', 'ddim_eta1', 'heun', 'dpmpp_2m'.
-    Steps are schedules.timesteps(num_steps, T, spacing); DDPM runs on the respaced schedule."""
+    ``data``: a name of ``samplers.SAMPLERS`` ('ddim' with η = 0, 'ddpm' with β̃ on the respaced steps, 'heun',
+    'dpmpp2m'), run through ``samplers.sample`` as the engine and the runtime run it, or one of the variants
+    'ddpm_beta' (β), 'ddim_eta0.5', 'ddim_eta1'. Steps are schedules.timesteps(num_steps, T, spacing)."""
     from . import samplers
 
     num_steps = check_int(num_steps, "num_steps", 1, schedule.T)
-    ts = make_timesteps(num_steps, schedule.T, spacing)
     model = vp_model(data, schedule)
-    runs = {
-        "ddpm": lambda x, z: samplers.ddpm_sample(model, x, respace(schedule, ts), "beta_tilde", noise=z),
-        "ddpm_beta": lambda x, z: samplers.ddpm_sample(model, x, respace(schedule, ts), "beta", noise=z),
-        "ddim": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=0.0),
-        "ddim_eta0.5": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=0.5, noise=z),
-        "ddim_eta1": lambda x, z: samplers.ddim_sample(model, x, schedule, ts, eta=1.0, noise=z),
-        "heun": lambda x, z: samplers.heun_sample(model, x, schedule, ts),
-        "dpmpp_2m": lambda x, z: samplers.dpmpp_2m_sample(model, x, schedule, ts),
-    }
-    if name not in runs:
-        raise ValueError(f"name must be one of {sorted(runs)}, got {name!r}")
-    n_noise = 0 if name in ("ddim", "heun", "dpmpp_2m") else num_steps
-    return exact_output_law(runs[name], data.dim, n_noise)
+    variants = {"ddpm_beta": ("ddpm", 0.0), "ddim_eta0.5": ("ddim", 0.5), "ddim_eta1": ("ddim", 1.0)}
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"name must be one of {list(SAMPLER_NAMES)}, got {name!r}")
+    base, eta = variants.get(name, (name, 0.0))
+    if name == "ddpm_beta":
+        ts = make_timesteps(num_steps, schedule.T, spacing)
+
+        def run(x, z):
+            return samplers.ddpm_sample(model, x, respace(schedule, ts), "beta", noise=z)
+    else:
+        def run(x, z):
+            return samplers.sample(model, x, schedule, base, num_steps, eta, z, spacing=spacing)
+    stochastic = samplers.SAMPLERS[base].stochastic or eta > 0
+    return exact_output_law(run, data.dim, num_steps if stochastic else 0)
 
 
-SAMPLER_NAMES = ("ddpm", "ddpm_beta", "ddim", "ddim_eta0.5", "ddim_eta1", "heun", "dpmpp_2m")
+SAMPLER_NAMES = ("ddpm", "ddpm_beta", "ddim", "ddim_eta0.5", "ddim_eta1", "heun", "dpmpp2m")
+"""The samplers ``sampler_law`` knows: every row of ``samplers.SAMPLERS`` and three variants."""
 
 
 def w2_table(data: GaussianData, schedule: Schedule, steps=(10, 20, 50, 100, 1000), spacing: str = "trailing",

@@ -44,7 +44,7 @@ def _mc_check(xs, mean, var, n):
     np.testing.assert_array_less(np.abs(xs.var(0, ddof=1) - var), 5 * var * np.sqrt(2 / (n - 1)))
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim_eta0.5", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["ddpm", "ddim_eta0.5", "heun", "dpmpp2m"])
 def test_monte_carlo_agrees_with_exact_law_A1_A2_A5(name):
     """A1/A2/A5: 40,000 real sampler runs on fresh noise have the moments of the exact law (5 s.e.)."""
     n, steps = 40_000, 10
@@ -95,14 +95,14 @@ def test_error_shrinks_with_steps_and_ddim50_is_biased_A2_A5():
     steps is measurably biased on N(0.5, 0.2²): W2 ≈ 0.026, against a Monte Carlo standard error of the
     standard deviation of 0.2/√(2n) ≈ 1.4e-4 at n = 10⁶ samples."""
     data = analytic.GaussianData(mean=[0.5], var=0.04)
-    table = exact.w2_table(data, SCHED, steps=(10, 20, 50, 100, 1000), names=("ddim", "heun", "dpmpp_2m"))
+    table = exact.w2_table(data, SCHED, steps=(10, 20, 50, 100, 1000), names=("ddim", "heun", "dpmpp2m"))
     for name, row in table.items():
         w = [row[n] for n in (10, 20, 50, 100, 1000)]
         assert all(a > b for a, b in itertools.pairwise(w)), (name, w)
     assert table["ddim"][50] > 0.02
     assert table["ddim"][50] > 100 * 0.2 / np.sqrt(2 * 1e6)
     # Second-order methods beat DDIM at equal step counts from 50 steps on.
-    assert table["heun"][50] < table["ddim"][50] and table["dpmpp_2m"][100] < table["ddim"][100] / 5
+    assert table["heun"][50] < table["ddim"][50] and table["dpmpp2m"][100] < table["ddim"][100] / 5
 
 
 def test_gaussian_w2_against_sorted_samples():

@@ -726,3 +726,89 @@ def test_langevin_samplers_reject_bad_arguments(call, exc, match):
 def test_cfg_rejects_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the table of samplers and the call the engine and the runtime share
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+def test_sampler_table_row_is_what_its_loop_does(name):
+    """Each row of SAMPLERS states its loop's model calls for N steps and whether it draws loop noise, and
+    S.sample runs that loop on the trailing step list, exactly as a direct call (A1/A2/A5)."""
+    row, steps = S.SAMPLERS[name], 7
+    rng = np.random.default_rng(31)
+    x_T, z = rng.standard_normal((3, 2)), rng.standard_normal((steps, 3, 2))
+    calls = []
+    model = vp_model(MIX, SCHED)
+
+    def counted(x, t, y=None):
+        calls.append(int(t[0]))
+        return model(x, t, y)
+
+    out = S.sample(counted, x_T, SCHED, name, steps, noise=z)
+    assert len(calls) == row.model_calls(steps)
+    ts = timesteps(steps, T, "trailing")
+    assert calls[0] == ts[0] and set(calls) <= set(ts.tolist())
+    kwargs = {"noise": z} if row.stochastic else {}
+    direct = row.sample(model, x_T, SCHED, timesteps=ts, **kwargs)
+    np.testing.assert_array_equal(out, direct)
+    moved = S.sample(model, x_T, SCHED, name, steps, noise=z + 1.0)
+    assert (np.abs(moved - out).max() > 1e-6) == row.stochastic  # only stochastic loops read the noise
+    if row.eta:
+        assert np.abs(S.sample(model, x_T, SCHED, name, steps, eta=1.0, noise=z) - out).max() > 1e-6
+
+
+def test_sample_guides_only_with_labels_and_w_other_than_one_A9():
+    """S.sample applies cfg (one batched call on 2B) for w ≠ 1 with labels; w = 1 or None is one call on B."""
+    rng = np.random.default_rng(32)
+    x_T, y = rng.standard_normal((3, 2)), np.array([0, 1, 2])
+    model = vp_model(MIX, SCHED)
+    sizes = []
+
+    def counted(x, t, labels=None):
+        sizes.append(len(x))
+        return model(x, t, labels)
+
+    guided = S.sample(counted, x_T, SCHED, "ddim", 4, y=y, guidance=2.5, null_class=-1)
+    assert sizes == [6] * 4
+    direct = S.ddim_sample(S.cfg(model, 2.5, -1), x_T, SCHED, timesteps(4, T, "trailing"), y=y)
+    np.testing.assert_array_equal(guided, direct)
+    sizes.clear()
+    plain = S.sample(counted, x_T, SCHED, "ddim", 4, y=y, guidance=1.0, null_class=-1)
+    assert sizes == [3] * 4
+    np.testing.assert_array_equal(plain, S.ddim_sample(model, x_T, SCHED, timesteps(4, T, "trailing"), y=y))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sampler": "euler_a"}, "sampler must be one of ['ddim', 'ddpm', 'heun', 'dpmpp2m']"),
+    ({"num_steps": 0}, "steps must be in 1..1000"),
+    ({"num_steps": 1001}, "steps must be in 1..1000"),
+    ({"num_steps": 2.0}, "steps must be in 1..1000"),
+    ({"eta": -0.5}, "eta must be >= 0"),
+    ({"eta": float("nan")}, "eta must be >= 0"),
+    ({"sampler": "heun", "eta": 0.5}, "eta applies to the ddim sampler only"),
+    ({"guidance": 2.0}, "guidance was given but the model is unconditional"),
+    ({"guidance": -1.0, "null_class": 3}, "guidance must be >= 0"),
+    ({"sampler": "ddpm"}, "noise"),
+])
+def test_sample_rejects_bad_arguments(kwargs, message):
+    args = {"sampler": "ddim", "num_steps": 5, **kwargs}
+    with pytest.raises((ValueError, TypeError)) as info:
+        S.sample(_M, _X, SCHED, **args)
+    assert message in str(info.value)
+
+
+def test_class_labels():
+    np.testing.assert_array_equal(S.class_labels(12, 10), [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    np.testing.assert_array_equal(S.class_labels(3, 10, 7), [7, 7, 7])
+    assert S.class_labels(3, 0) is None
+    for labels, message in ((10, "class id must be in 0..9, got 10"), ([0, 1], "3 integer class ids"),
+                            ([0.5, 1, 2], "3 integer class ids")):
+        with pytest.raises(ValueError, match=message):
+            S.class_labels(3, 10, labels)
+    with pytest.raises(ValueError, match="the model is unconditional"):
+        S.class_labels(3, 0, 1)
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        S.class_labels(0, 10)
