@@ -3,12 +3,14 @@ checkpoint, noise, sampler, steps and batch through ``ldmkit.engine.sample.gener
 fresh processes (so both see the same machine state), printing each one's best and median time and the ratio.
 
     python benchmarks/engine_sampling.py --against 70f2641 [--checkpoint runs/demo/checkpoint.pt]
-        [--batch 1,16,64] [--samplers ddim,dpmpp2m] [--steps 50] [--rounds 3] [--repeats 3]
+        [--batch 1,16,64] [--samplers ddim,dpmpp2m] [--steps 50] [--rounds 3] [--repeats 3] [--overhead]
 
 The earlier revision is taken with ``git archive`` into a temporary folder and imported from there (its own
 layout: ``ldmkit/`` beside ``reference/``, ``engine/``, ... or this tree's ``src/ldmkit``). Without
 ``--checkpoint`` the models are the demo preset's at initialisation (sampling speed does not depend on the
 weights). Guidance w = 3 on the conditional demo model: each step is one U-Net call on 2·batch rows.
+``--overhead`` replaces the U-Net by a module that multiplies by 0.1, so that what is timed is the sampling
+loop itself (scheduler arithmetic, guidance, the model adapter) plus one VAE decode.
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ import json, sys, time
 import numpy as np, torch
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
-ckpt, cases, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+ckpt, cases, repeats, overhead = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 config, vae, unet = models_from_checkpoint(load_checkpoint(ckpt), "cpu")
+if overhead:  # the sampler's own cost: a U-Net that costs (almost) nothing
+    class Cheap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.1))
+
+        def forward(self, x, t, y=None):
+            return self.w * x
+    unet = Cheap()
 out = {}
 for sampler, n, steps in cases:
     labels = np.arange(n) % config.unet.num_classes
@@ -80,10 +91,10 @@ def demo_checkpoint(path: Path) -> Path:
     return path
 
 
-def run(pythonpath: Path, ckpt: Path, cases, repeats: int) -> dict:
+def run(pythonpath: Path, ckpt: Path, cases, repeats: int, overhead: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(ckpt), json.dumps(cases), str(repeats)], env=env,
-                          capture_output=True, text=True, check=False)
+    argv = [sys.executable, "-c", WORKER, str(ckpt), json.dumps(cases), str(repeats), str(int(overhead))]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"worker failed ({pythonpath}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,6 +109,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3, help="alternating (old, new) process pairs")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case in each process, after a warm-up")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time the sampling loop alone: the U-Net replaced by a one-multiply module")
     args = ap.parse_args()
     cases = [(s, int(n), args.steps) for s in args.samplers.split(",") for n in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,11 +120,12 @@ def main() -> None:
         new_path = ROOT / "src"
         results = {"old": [], "new": []}
         for _ in range(args.rounds):
-            results["old"].append(run(old_path, ckpt, cases, args.repeats))
-            results["new"].append(run(new_path, ckpt, cases, args.repeats))
+            results["old"].append(run(old_path, ckpt, cases, args.repeats, args.overhead))
+            results["new"].append(run(new_path, ckpt, cases, args.repeats, args.overhead))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# engine sampling, {args.against} (old) vs this tree (new); {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load {load:.2f}; steps {args.steps}, guidance 3, fp32, CPU")
+          f"{os.cpu_count()} CPUs, load {load:.2f}; steps {args.steps}, guidance 3, fp32, CPU"
+          + ("; U-Net replaced by one multiply (the loop's own cost)" if args.overhead else ""))
     print(f"{'case':>14} {'old best':>9} {'new best':>9} {'old med':>8} {'new med':>8} {'old/new':>8}  same images")
     for sampler, n, _ in cases:
         key = f"{sampler}/{n}"
@@ -120,7 +134,7 @@ def main() -> None:
         med = {side: sorted(v)[len(v) // 2] for side, v in times.items()}
         sums = {side: results[side][0][key]["checksum"] for side in results}
         same = abs(sums["old"] - sums["new"]) <= 1e-4 * max(1.0, abs(sums["old"]))
-        print(f"{key:>14} {best['old']:9.3f} {best['new']:9.3f} {med['old']:8.3f} {med['new']:8.3f} "
+        print(f"{key:>14} {best['old']:9.4f} {best['new']:9.4f} {med['old']:8.4f} {med['new']:8.4f} "
               f"{best['old'] / best['new']:8.3f}  {'yes' if same else 'NO'}")
 
 
