@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldmkit.common import from_dict, to_plain
+from ldmkit.reference.posterior import PREDICTIONS
 from ldmkit.reference.schedules import SCHEDULE_NAMES
 
 LIKELIHOODS = ("gaussian", "bernoulli")
-PREDICTIONS = ("eps", "x0", "v")
 PRECISIONS = ("fp32", "bf16")
 
 

@@ -357,3 +357,24 @@ def test_sample_and_eval_commands_do_not_import_training(tmp_path):
     )
     assert (tmp_path / "grid.npy").is_file() and (tmp_path / "eval.json").is_file()
     assert json.loads(out.strip().splitlines()[-1]) is False
+
+
+@pytest.mark.slow
+def test_pyright_follows_the_installed_wheel(installed_wheel, tmp_path):
+    """Static tools follow a wheel install too: with only the installed wheel on pyright's path (an
+    interpreter without ldmkit, the wheel's folder as an extra path), a user's script resolves every part."""
+    from test_static import _pyright, _unresolved
+
+    _, target = installed_wheel
+    base = getattr(sys, "_base_executable", sys.executable)
+    assert subprocess.run([base, "-c", "import ldmkit"], capture_output=True).returncode != 0, (
+        "the base interpreter must not have ldmkit for this test")
+    script = tmp_path / "user_script.py"
+    script.write_text("import ldmkit.cli\nimport ldmkit.engine.sample\nimport ldmkit.export.runtime\n"
+                      "from ldmkit.reference.samplers import SAMPLERS\n"
+                      "from ldmkit.reference.schedules import Schedule\n"
+                      "print(SAMPLERS, Schedule.named('linear', 10).alpha_bars, ldmkit.cli.main)\n")
+    (tmp_path / "pyrightconfig.json").write_text(json.dumps({"extraPaths": [str(target)]}))
+    report = _pyright("--project", str(tmp_path / "pyrightconfig.json"), "--pythonpath", base, str(script),
+                      cwd=tmp_path, python=None)
+    assert not _unresolved(report), "\n".join(_unresolved(report))

@@ -23,11 +23,13 @@ IMPORT_RULES = {"reportMissingImports", "reportMissingModuleSource"}
 pytestmark = pytest.mark.slow
 
 
-def _pyright(*args, cwd) -> dict:
+def _pyright(*args, cwd, python: str | None = sys.executable) -> dict:
+    """pyright's JSON report; ``python``: the interpreter whose packages it sees (None: set in ``args``)."""
     exe = shutil.which("pyright", path=str(Path(sys.executable).parent))
     assert exe is not None, "pyright is missing: install the dev extra (pip install -e '.[dev]')"
-    proc = subprocess.run([exe, "--outputjson", "--pythonpath", sys.executable, *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    interpreter = [] if python is None else ["--pythonpath", python]
+    proc = subprocess.run([exe, "--outputjson", *interpreter, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
     assert proc.stdout.strip().startswith("{"), f"pyright did not run: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
     return json.loads(proc.stdout)
 
