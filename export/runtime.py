@@ -151,9 +151,8 @@ class OnnxSampler:
         None for an unconditional model (labels must then be None). ``reference.samplers.class_labels``."""
         return R.class_labels(n, self.num_classes, labels)
 
-    def check(self, n, sampler: str, steps: int, eta: float, guidance) -> R.SamplerInfo:
-        """ValueError naming the argument (``reference.samplers.check_sampling``, and n < 1); the sampler's row."""
-        R.class_labels(n, 0)
+    def check(self, sampler: str, steps: int, eta: float, guidance) -> R.SamplerInfo:
+        """ValueError naming the argument (``reference.samplers.check_sampling``); the sampler's row."""
         return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model.null_class)
 
     def noise(self, n: int, steps: int, seed: int, loop: bool = True):
@@ -212,8 +211,8 @@ class OnnxSampler:
         ``labels``: see ``labels``. ``guidance``: classifier-free guidance w (None: 1, plain conditional
         sampling, one U-Net call per step; otherwise one batched call on 2n). ``noise``: (x_T (n, C, H, W),
         loop noise (steps, n, C, H, W), None for ddim with eta = 0, heun, dpmpp2m) instead of ``seed``."""
-        info = self.check(n, sampler, steps, eta, guidance)
         y = self.labels(n, labels)
+        info = self.check(sampler, steps, eta, guidance)
         x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
         z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
                      guidance, self.model.null_class)
@@ -222,8 +221,8 @@ class OnnxSampler:
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
                      seed: int = 0, noise=None) -> np.ndarray:
         """The same as ``sample(..., sampler="ddim", eta=0)`` in ONE ``session.run`` of sampler.onnx."""
-        self.check(n, "ddim", steps, 0.0, guidance)
         y = self.labels(n, labels)
+        self.check("ddim", steps, 0.0, guidance)
         x_T, _ = self._noise(noise, n, steps, seed, False)
         if self._graph is None:
             self._graph = self._session("sampler")

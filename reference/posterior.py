@@ -21,11 +21,10 @@ from ._checks import (
 )
 from .schedules import Schedule, check_schedule
 
-__all__ = ["PREDICTIONS", "ddim_coefficients", "ddim_posterior", "ddim_sigma", "denoised", "eps_from_score",
-           "eps_from_v", "eps_from_x0", "gaussian_product", "mean_from_eps", "posterior_mean", "q_posterior",
-           "random_walk_mean_from_eps",
-           "random_walk_posterior", "score_from_eps", "v_from_eps", "v_from_x0", "x0_eps_from_output", "x0_from_eps",
-           "x0_from_v"]
+__all__ = ["PREDICTIONS", "check_ddim_eta", "check_signal", "ddim_coefficients", "ddim_posterior", "ddim_sigma",
+           "denoised", "eps_from_score", "eps_from_v", "eps_from_x0", "gaussian_product", "mean_from_eps",
+           "posterior_mean", "q_posterior", "random_walk_mean_from_eps", "random_walk_posterior", "score_from_eps",
+           "v_from_eps", "v_from_x0", "x0_eps_from_output", "x0_from_eps", "x0_from_v"]
 
 
 def _prep(x_t, t, value, schedule, value_name, low=1):
@@ -94,6 +93,13 @@ def _ddim_sigma(ab, ab_prev, eta):
     return eta * np.sqrt((1.0 - ab_prev) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_prev)
 
 
+def check_ddim_eta(eta: float, t, t_prev, schedule: Schedule) -> None:
+    """ValueError unless σ_t(η)² ≤ 1 − ᾱ_{t_prev} on every step t → t_prev (P6's condition on P7's σ)."""
+    ab_prev = schedule.alpha_bars[t_prev]
+    if np.any(_ddim_sigma(schedule.alpha_bars[t], ab_prev, eta) ** 2 > 1.0 - ab_prev + 1e-12):
+        raise ValueError(f"eta={eta!r} is too large for this step: sigma_t(eta)**2 must be <= 1 - alpha_bar[t_prev]")
+
+
 def ddim_coefficients(t, t_prev, eta, schedule: Schedule, ndim: int = 0, sigma=None):
     """P6 with P7, unchecked (the kernel of ``ddim_step``, the DDIM loop and sampler.onnx's graph):
     (ζ, ξ, σ) such that x_{t_prev} = ζ·x̂_0 + ξ·x_t + σ·z, with σ = σ_t(η) (or ``sigma`` as given),
@@ -136,11 +142,12 @@ def ddim_posterior(x0, x_t, t, t_prev, sigma, schedule: Schedule):
 def x0_from_eps(x_t, t, eps, schedule: Schedule):
     """P3: x_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t; t in 1..T (ᾱ_t > 0 required)."""
     x_t, t, eps = _prep(x_t, t, eps, schedule, "eps")
-    _require_signal(schedule, t)
+    check_signal(schedule, t)
     return denoised(eps, x_t, t, schedule, "eps")[0]
 
 
-def _require_signal(schedule: Schedule, t) -> None:
+def check_signal(schedule: Schedule, t) -> None:
+    """ValueError where ᾱ_t = 0 (zero terminal SNR): x̂_0 from ε̂ divides by √ᾱ_t there."""
     if np.any(schedule.alpha_bars[t] == 0):
         raise ValueError("x0_from_eps needs alpha_bar[t] > 0; "
                          "a zero-terminal-SNR schedule needs v- or x0-prediction")
@@ -210,7 +217,7 @@ def x0_eps_from_output(model_output, x_t, t, schedule: Schedule, prediction: str
     kind = prediction_name(prediction)
     x_t, t, model_output = _prep(x_t, t, model_output, schedule, "model_output")
     if kind == "eps":
-        _require_signal(schedule, t)
+        check_signal(schedule, t)
     if clip is not None:
         clip = check_real(clip, "clip", 0.0, low_open=True)
     return denoised(model_output, x_t, t, schedule, kind, clip)

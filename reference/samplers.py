@@ -52,11 +52,13 @@ from ._checks import (
     variance_name,
 )
 from .posterior import (
-    _require_signal,
+    check_ddim_eta,
+    check_signal,
     ddim_coefficients,
     denoised,
     posterior_mean,
     random_walk_mean_from_eps,
+    x0_eps_from_output,
 )
 from .schedules import (
     Schedule,
@@ -149,7 +151,7 @@ def denoiser(model, schedule: Schedule, prediction: str = "eps", y=None, clip=No
     kind = prediction_name(prediction)
     clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
     if kind == "eps" and t_max is not None:
-        _require_signal(schedule, t_max)
+        check_signal(schedule, t_max)
     tmap = schedule.timestep_map
 
     def D(x, t: int):
@@ -257,12 +259,7 @@ def ddpm_step(model_output, x_t, t, schedule: Schedule, variance: str = "beta_ti
     x_t = _batch(x_t, "x_t")
     t = check_timesteps(t, "t", schedule.T, low=1)
     check_t_batch(t, x_t)
-    out = as_float_array(model_output, "model_output")
-    check_same_shape(x_t, out, "x_t", "model_output")
-    if prediction_name(prediction) == "eps":
-        _require_signal(schedule, t)
-    clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
-    x0, _ = denoised(out, x_t, t, schedule, prediction_name(prediction), clip)
+    x0, _ = x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip)
     if not np.any(t > 1):
         _unused_noise(noise, x_t.shape)
         return _ddpm_update(x0, x_t, t, None, None, schedule)
@@ -294,26 +291,12 @@ def ddim_step(model_output, x_t, t, t_prev, schedule: Schedule, eta: float = 0.0
     if np.any(t_prev >= t):
         raise ValueError("t_prev must be smaller than t (t_prev in 0..t-1; 0 is the clean step)")
     eta = check_real(eta, "eta", 0.0)
-    _check_eta(eta, t, t_prev, schedule)
-    out = as_float_array(model_output, "model_output")
-    check_same_shape(x_t, out, "x_t", "model_output")
-    kind = prediction_name(prediction)
-    if kind == "eps":
-        _require_signal(schedule, t)
-    clip = None if clip is None else check_real(clip, "clip", 0.0, low_open=True)
-    x0, _ = denoised(out, x_t, t, schedule, kind, clip)
+    check_ddim_eta(eta, t, t_prev, schedule)
+    x0, _ = x0_eps_from_output(model_output, x_t, t, schedule, prediction, clip)
     if eta == 0 or not np.any(t_prev > 0):
         _unused_noise(noise, x_t.shape)
         return _ddim_update(x0, x_t, t, t_prev, eta, None, schedule)
     return _ddim_update(x0, x_t, t, t_prev, eta, draw_noise(noise, x_t.shape), schedule)
-
-
-def _check_eta(eta: float, t, t_prev, schedule: Schedule) -> None:
-    """σ_t(η)² ≤ 1 − ᾱ_{t_prev} on every step t → t_prev (P6's condition)."""
-    ab, abp = schedule.alpha_bars[t], schedule.alpha_bars[t_prev]
-    sigma = eta * np.sqrt((1.0 - abp) / (1.0 - ab)) * np.sqrt(1.0 - ab / abp)
-    if np.any(sigma**2 > 1.0 - abp + 1e-12):
-        raise ValueError(f"eta={eta!r} is too large for this step: sigma_t(eta)**2 must be <= 1 - alpha_bar[t_prev]")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -358,7 +341,7 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
     ts = _step_list(timesteps, schedule)
     eta = check_real(eta, "eta", 0.0)
     prevs = [*ts[1:], 0]
-    _check_eta(eta, np.array(ts), np.array(prevs), schedule)
+    check_ddim_eta(eta, np.array(ts), np.array(prevs), schedule)
     x = _state(x_T)
     D = denoiser(model, schedule, prediction, y, clip, t_max=ts[0])
     get = _loop_noise(noise, len(ts), x, needed=eta > 0 and len(ts) > 1)
@@ -523,14 +506,13 @@ class SamplerInfo:
     stochastic: bool  # fresh noise at every step but the last, whatever the arguments
     eta: bool  # takes DDIM's η (stochastic when η > 0)
     model_calls: Callable[[int], int]  # model calls for N timesteps (guidance makes each one batched call on 2B)
-    summary: str
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
-    "ddim": SamplerInfo(ddim_sample, False, True, lambda n: n, "DDIM (A2), eta = 0 deterministic"),
-    "ddpm": SamplerInfo(ddpm_sample, True, False, lambda n: n, "DDPM ancestral (A1) on the respaced steps"),
-    "heun": SamplerInfo(heun_sample, False, False, lambda n: 2 * n - 1, "EDM's Heun on the PF-ODE (A5)"),
-    "dpmpp2m": SamplerInfo(dpmpp_2m_sample, False, False, lambda n: n, "DPM-Solver++(2M) (A5)"),
+    "ddim": SamplerInfo(ddim_sample, stochastic=False, eta=True, model_calls=lambda n: n),  # A2
+    "ddpm": SamplerInfo(ddpm_sample, stochastic=True, eta=False, model_calls=lambda n: n),  # A1, respaced steps
+    "heun": SamplerInfo(heun_sample, stochastic=False, eta=False, model_calls=lambda n: 2 * n - 1),  # A5
+    "dpmpp2m": SamplerInfo(dpmpp_2m_sample, stochastic=False, eta=False, model_calls=lambda n: n),  # A5
 }
 """The samplers offered by name (``ldmkit sample --sampler``, the engine's ``generate``, the ONNX runtime)."""
 
