@@ -4,7 +4,8 @@
     format          {"name": "ldmkit-onnx", "version": 1}
     ldmkit_version  the ldmkit that exported it
     opset           the ONNX opset of the three graphs
-    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes, classes, ``Defaults``
+    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes, classes, the
+                    samplers of sampler.onnx's ``method`` input in order, ``Defaults``
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
@@ -29,9 +30,11 @@ from ldmkit.reference.samplers import SAMPLERS
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
 
 FORMAT_NAME = "ldmkit-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); model.graph_samplers names them
 MANIFEST = "sampler.json"
 FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
+GRAPH_SAMPLERS = ("ddim", "dpmpp2m")
+"""The samplers sampler.onnx runs, by the value of its ``method`` input (0, 1, ...)."""
 
 
 def _shape(v) -> bool:
@@ -63,6 +66,8 @@ class Model:
     num_classes: int = checked("an int >= 0", lambda v: v >= 0)
     null_class: int | None = checked("an int or null")
     timestep_spacing: str = checked(repr(SPACING), lambda v: v == SPACING)
+    graph_samplers: tuple[str, ...] = checked(f"a list of names from {list(SAMPLERS)}",
+                                              lambda v: len(v) > 0 and all(s in SAMPLERS for s in v))
     defaults: Defaults
 
     def check(self, where: str) -> None:

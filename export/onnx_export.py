@@ -133,18 +133,23 @@ def _parity_models(sessions: dict, unet, decoder, config, log) -> dict:
 
 
 def _parity_loop(session, config, vae, unet, steps: int, guidance, log) -> float:
-    """sampler.onnx against the torch engine's DDIM on the same noise (batch 2); returns the max abs error."""
+    """sampler.onnx against the torch engine on the same noise (batch 2), for each of its methods; returns the
+    largest max abs error."""
     n, k = 2, config.unet.num_classes
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn((n, *config.latent_shape), generator=g)
     labels = np.arange(n, dtype=np.int64) % k if k else None
-    unused = torch.zeros(steps, *x_T.shape)  # DDIM with eta = 0 draws no loop noise
-    want = generate(config, vae, unet, n, labels, "ddim", steps, 0.0, guidance, noise=(x_T, unused))
-    feeds = {"noise": x_T.numpy(), "steps": np.array(steps, dtype=np.int64)}
-    if k:
-        feeds.update(y=labels, guidance=np.array(1.0 if guidance is None else guidance, dtype=np.float32))
-    got = session.run(None, feeds)[0]
-    return _max_error(got, want.astype(np.float64), "sampler", f"DDIM-{steps} vs torch", TOLERANCE, log)
+    unused = torch.zeros(steps, *x_T.shape)  # these samplers (eta = 0) draw no loop noise
+    worst = 0.0
+    for method, sampler in enumerate(M.GRAPH_SAMPLERS):
+        want = generate(config, vae, unet, n, labels, sampler, steps, 0.0, guidance, noise=(x_T, unused))
+        feeds = {"noise": x_T.numpy(), "steps": np.array(steps, dtype=np.int64), "method": np.array(method)}
+        if k:
+            feeds.update(y=labels, guidance=np.array(1.0 if guidance is None else guidance, dtype=np.float32))
+        got = session.run(None, feeds)[0]
+        worst = max(worst, _max_error(got, want.astype(np.float64), "sampler", f"{sampler}-{steps} vs torch",
+                                      TOLERANCE, log))
+    return worst
 
 
 def _io(session) -> dict:
@@ -160,8 +165,9 @@ CONVENTIONS = {
                 "w = 1 is plain conditional sampling",
     "vae_decoder": "input: z_0 as the sampler ends (latent_scale is applied inside the graph); output: images in "
                    "[0, 1]",
-    "sampler": "DDIM (eta = 0) with guidance and the decoder in one Loop; noise = x_T ~ N(0, I) float32, y class "
-               "ids, guidance w (scalar), steps (scalar, clamped to 1..T); output images in [0, 1]",
+    "sampler": "DDIM (eta = 0) or DPM-Solver++(2M) with guidance and the decoder in one Loop; noise = x_T ~ N(0, I) "
+               "float32, y class ids, guidance w (scalar), steps (scalar, clamped to 1..T), method (scalar: the index "
+               "in model.graph_samplers, 0 ddim, 1 dpmpp2m); output images in [0, 1]",
 }
 
 
@@ -193,7 +199,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "schedule": config.diffusion.schedule, "T": T, "alpha_bars": schedule.alpha_bars.tolist(),
         "prediction": config.diffusion.prediction, "latent_shape": list(config.latent_shape),
         "latent_scale": float(config.latent_scale), "image_shape": image_shape, "num_classes": k,
-        "null_class": k if k else None, "timestep_spacing": SPACING,
+        "null_class": k if k else None, "timestep_spacing": SPACING, "graph_samplers": list(M.GRAPH_SAMPLERS),
         "defaults": {"sampler": DEFAULT_SAMPLER, "steps": steps, "eta": 0.0, "guidance": guidance,
                      "timesteps": timesteps(steps, T, SPACING).tolist()},
     }
@@ -217,7 +223,8 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "files": {role: {"path": M.FILES[role], "sha256": rt.sha256_bytes(blobs[role]), **_io(sessions[role])}
                   for role in M.FILES},
         "parity": {"max_abs_error": parity, "tolerance": TOLERANCE,
-                   "batches": list(PARITY_BATCHES), "sampler_check": f"DDIM-{steps}, batch 2, vs torch"},
+                   "batches": list(PARITY_BATCHES),
+                   "sampler_check": f"{' and '.join(M.GRAPH_SAMPLERS)}, {steps} steps, batch 2, vs torch"},
         "checkpoint": {"file": checkpoint_path.name, "step": ckpt["step"]},
     }
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")

@@ -5,10 +5,10 @@ The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
                     class) -> prediction[B,C,H,W] float32; an unconditional model (K = 0) has no ``y`` input.
   vae_decoder.onnx  z[B,C,H,W] float32 -> image[B,c,H',W'] float32 in [0, 1]. z is the sampler's z_0 itself:
                     the graph multiplies by ``latent_scale``, decodes and maps (x+1)/2 clamped to [0, 1].
-  sampler.onnx      DDIM (eta = 0) with classifier-free guidance and the decoder in one ONNX ``Loop``
-                    (``build_sampler`` in sampler_graph.py): (noise[B,C,H,W] float32, y[B] int64,
-                    guidance[] float32, steps[] int64) -> images[B,c,H',W'] in [0, 1]; no y/guidance inputs for
-                    an unconditional model.
+  sampler.onnx      DDIM (eta = 0) or DPM-Solver++(2M) with classifier-free guidance and the decoder in one
+                    ONNX ``Loop`` (``build_sampler`` in sampler_graph.py): (noise[B,C,H,W] float32, y[B] int64,
+                    guidance[] float32, steps[] int64, method[] int64: the index in model.graph_samplers) ->
+                    images[B,c,H',W'] in [0, 1]; no y/guidance inputs for an unconditional model.
   sampler.json      schedule (alpha_bars, math-indexed, length T+1), prediction type, shapes, classes, defaults,
                     the input/output names of each graph and the sha256 of each file.
 
@@ -219,14 +219,19 @@ class OnnxSampler:
         return self.decode(z)
 
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
-                     seed: int = 0, noise=None) -> np.ndarray:
-        """The same as ``sample(..., sampler="ddim", eta=0)`` in ONE ``session.run`` of sampler.onnx."""
+                     seed: int = 0, noise=None, sampler: str = DEFAULT_SAMPLER) -> np.ndarray:
+        """The same as ``sample(n, labels, sampler, steps, 0.0, guidance, seed, noise)`` in ONE ``session.run``
+        of sampler.onnx, for a ``sampler`` of ``model.graph_samplers`` (DDIM with η = 0, DPM-Solver++(2M))."""
         y = self.labels(n, labels)
-        self.check("ddim", steps, 0.0, guidance)
+        self.check(sampler, steps, 0.0, guidance)
+        if sampler not in self.model.graph_samplers:
+            raise ValueError(f"sampler.onnx runs {list(self.model.graph_samplers)}, not {sampler!r} "
+                             "(sample() runs every sampler through the Python loop)")
         x_T, _ = self._noise(noise, n, steps, seed, False)
         if self._graph is None:
             self._graph = self._session("sampler")
-        feeds = {"noise": x_T, "steps": np.array(steps, dtype=np.int64)}
+        feeds = {"noise": x_T, "steps": np.array(steps, dtype=np.int64),
+                 "method": np.array(self.model.graph_samplers.index(sampler), dtype=np.int64)}
         if y is not None:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)

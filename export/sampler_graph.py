@@ -1,20 +1,24 @@
-"""sampler.onnx: DDIM (η = 0) with classifier-free guidance and the VAE decoder in ONE ONNX graph.
+"""sampler.onnx: DDIM (η = 0) or DPM-Solver++(2M), with classifier-free guidance and the VAE decoder, in ONE
+ONNX graph.
 
 Inputs:  noise[B,C,H,W] float32 (x_T), y[B] int64 class ids 0..K−1, guidance[] float32 (w; 1 is plain
-         conditional sampling), steps[] int64 (clamped to 1..T). An unconditional model has no y/guidance.
+         conditional sampling), steps[] int64 (clamped to 1..T), method[] int64 (the index in ``GRAPH_SAMPLERS``:
+         0 DDIM, 1 DPM-Solver++(2M); any other value runs DDIM). An unconditional model has no y/guidance.
 Output:  images[B,c,H',W'] float32 in [0, 1].
 
-The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (ONNX Round and
-NumPy both round half to even, so it equals ``reference.schedules.timesteps(steps, T, "trailing")``), then
-runs an ONNX ``Loop`` over it whose body holds the U-Net's own nodes and weights (unet.onnx inlined, names
-prefixed ``unet/``): per step ONE U-Net call on [x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅)
-(``reference.samplers.cfg``, A9), and the DDIM step (A2). ONNX is a language of its own, so this module states
-the reference's formulas again, in the reference's own form: x̂_0 as ``reference.posterior.denoised`` (P3)
-and x_prev = ζ x̂_0 + ξ x_t as ``reference.posterior.ddim_coefficients`` (P6 with η = 0);
-tests/test_export.py holds the graph to the reference loop run by the engine on the same noise. The loop
-state x is float64 and every coefficient is gathered from float64 tables of the reference ``Schedule``, as
-in the NumPy runtime; the U-Net sees x cast to float32. After the loop, vae_decoder.onnx's nodes (prefixed
-``vae_decoder/``) decode z_0.
+The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (in float64 as
+NumPy does, and ONNX Round and NumPy both round half to even, so it equals
+``reference.schedules.timesteps(steps, T, "trailing")``), then runs an ONNX ``Loop`` over it whose body holds
+the U-Net's own nodes and weights (unet.onnx inlined, names prefixed ``unet/``): per step ONE U-Net call on
+[x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅) (``reference.samplers.cfg``, A9), and the step. ONNX is
+a language of its own, so this module states the reference's formulas again, in the reference's own form:
+x̂_0 as ``reference.posterior.denoised`` (P3), x_prev = ζ·D + ξ·x_t as ``reference.posterior.ddim_coefficients``
+(P6 with η = 0; A2), with D = x̂_0 for DDIM and DPM-Solver++(2M)'s multistep D for the second method, whose
+first-order coefficients are exactly DDIM's ξ and ζ (``reference.samplers.dpmpp_2m_sample``, A5). The loop
+carries x, the last x̂_0 and the last step size h. tests/test_export.py holds the graph to the reference
+loops run by the runtime on the same noise. The loop state is float64 and every coefficient is gathered
+from float64 tables of the reference ``Schedule``, as in the NumPy runtime; the U-Net sees x cast to float32.
+After the loop, vae_decoder.onnx's nodes (prefixed ``vae_decoder/``) decode z_0.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from ldmkit.reference.schedules import Schedule
+
+from .manifest import GRAPH_SAMPLERS
 
 F32, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 
@@ -58,10 +64,14 @@ def _inline(g: _Graph, model: onnx.ModelProto, prefix: str, feeds: dict) -> str:
     return sub.output[0].name
 
 
-def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction: str) -> str:
-    """DDIM η = 0 from t to t_prev on x (float64) given the (guided) model output e (float64), in the form of
+def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction: str, multistep: str,
+          x0_last: str, h_last: str) -> tuple[str, str, str]:
+    """One step from t to t_prev on x (float64) given the (guided) model output e (float64), in the form of
     ``reference.posterior.denoised`` and ``ddim_coefficients``: x̂_0 by P3, ξ = √(1−ᾱ_prev)/√(1−ᾱ_t),
-    ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ x̂_0 + ξ x."""
+    ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ·D + ξ·x, with D = x̂_0 (DDIM, η = 0) or, where ``multistep`` (a bool) holds,
+    DPM-Solver++(2M)'s D = (1 + q)·x̂_0 − q·x̂_0,last with q = h/(2 h_last), h = λ_prev − λ_t (λ = ½ log SNR),
+    as ``reference.samplers.dpmpp_2m_sample``: its first-order coefficients, √(1−ᾱ_prev)/√(1−ᾱ_t) and
+    −√ᾱ_prev·expm1(−h), are DDIM's ξ and ζ. Returns (x_prev, x̂_0, h) for the next step."""
     def at(table, index):
         return g.op("Gather", tab[table], index)
 
@@ -78,7 +88,11 @@ def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction:
     room = g.op("Max", g.op("Sub", g.const(1.0, np.float64), ab_prev), g.const(0.0, np.float64))
     xi = g.op("Div", g.op("Sqrt", room), at("sqrt_one_minus_alpha_bars", t))
     zeta = g.op("Sub", g.op("Sqrt", ab_prev), g.op("Mul", xi, at("sqrt_alpha_bars", t)))
-    return g.op("Add", g.op("Mul", zeta, x0), g.op("Mul", xi, x))
+    h = g.op("Sub", at("half_log_snr", t_prev), at("half_log_snr", t))
+    q = g.op("Div", g.op("Mul", g.const(0.5, np.float64), h), h_last)
+    corrected = g.op("Sub", g.op("Mul", g.op("Add", g.const(1.0, np.float64), q), x0), g.op("Mul", q, x0_last))
+    d = g.op("Where", multistep, corrected, x0)
+    return g.op("Add", g.op("Mul", zeta, d), g.op("Mul", xi, x)), x0, h
 
 
 def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Schedule, prediction: str,
@@ -91,6 +105,7 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     tab = {k: main.const(getattr(schedule, k), np.float64) for k in (
         "alpha_bars", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars", "sqrt_recip_alpha_bars",
         "sqrt_recipm1_alpha_bars")}
+    tab["half_log_snr"] = main.const(0.5 * schedule.log_snr, np.float64)  # λ_t; +inf at t = 0 (never used there)
     T = schedule.T
 
     # the trailing step list t_i = round(T + i·(−T/N)) and its successors [t_1, …, t_{N−1}, 0]
@@ -102,8 +117,11 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     prevs = main.op("Concat", main.op("Slice", ts, main.const([1], np.int64), main.const([2**62], np.int64)),
                     main.const([0], np.int64), axis=0)
 
-    # the loop body: (i, cond, x) → (cond, x_prev)
+    # the loop body: (i, cond, x, x̂_0 of the step before, its h) → (cond, x_prev, x̂_0, h)
     t, t_prev = body.op("Gather", ts, "i"), body.op("Gather", prevs, "i")
+    zero = body.const(0, np.int64)
+    multistep = body.op("And", body.op("Equal", "method", body.const(GRAPH_SAMPLERS.index("dpmpp2m"), np.int64)),
+                        body.op("And", body.op("Greater", "i", zero), body.op("Greater", t_prev, zero)))
     x32 = body.op("Cast", "x", to=F32)
     batch = body.op("Shape", x32, start=0, end=1)
     if conditional:
@@ -118,17 +136,24 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     else:
         feeds = {"x_t": x32, "t": body.op("Expand", t, batch)}
         e = body.op("Cast", _inline(body, unet, "unet/", feeds), to=F64)
-    x_prev = _step(body, tab, "x", e, t, t_prev, prediction)
+    x_prev, x0, h = _step(body, tab, "x", e, t, t_prev, prediction, multistep, "x0_last", "h_last")
     body.op("Identity", "cond", out="cond_out")
-    body.op("Identity", x_prev, out="x_out")
+    for value, name in ((x_prev, "x_out"), (x0, "x0_out"), (h, "h_out")):
+        body.op("Identity", value, out=name)
     body_graph = helper.make_graph(
-        body.nodes, "ddim_step",
+        body.nodes, "sampler_step",
         [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", BOOL, []),
-         helper.make_tensor_value_info("x", F64, None)],
-        [helper.make_tensor_value_info("cond_out", BOOL, []), helper.make_tensor_value_info("x_out", F64, None)],
+         helper.make_tensor_value_info("x", F64, None), helper.make_tensor_value_info("x0_last", F64, None),
+         helper.make_tensor_value_info("h_last", F64, [])],
+        [helper.make_tensor_value_info("cond_out", BOOL, []), helper.make_tensor_value_info("x_out", F64, None),
+         helper.make_tensor_value_info("x0_out", F64, None), helper.make_tensor_value_info("h_out", F64, [])],
         initializer=body.inits)
 
-    z0 = main.op("Loop", steps, "", main.op("Cast", "noise", to=F64), body=body_graph)
+    x_T = main.op("Cast", "noise", to=F64)
+    loop = helper.make_node("Loop", [steps, "", x_T, x_T, main.const(1.0, np.float64)],
+                            ["main/z0", "main/x0_final", "main/h_final"], name="main/loop", body=body_graph)
+    main.nodes.append(loop)
+    z0 = "main/z0"
     image = _inline(main, decoder, "vae_decoder/", {"z": main.op("Cast", z0, to=F32)})
     main.op("Identity", image, out="images")
 
@@ -136,9 +161,9 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     if conditional:
         inputs += [helper.make_tensor_value_info("y", I64, ["batch"]),
                    helper.make_tensor_value_info("guidance", F32, [])]
-    inputs.append(helper.make_tensor_value_info("steps", I64, []))
+    inputs += [helper.make_tensor_value_info("steps", I64, []), helper.make_tensor_value_info("method", I64, [])]
     out_dims = [d.dim_value for d in decoder.graph.output[0].type.tensor_type.shape.dim][1:]
-    graph = helper.make_graph(main.nodes, "ldmkit_ddim_sampler", inputs,
+    graph = helper.make_graph(main.nodes, "ldmkit_sampler", inputs,
                               [helper.make_tensor_value_info("images", F32, ["batch", *out_dims])],
                               initializer=main.inits)
     return helper.make_model(graph, opset_imports=list(unet.opset_import), producer_name="ldmkit",

@@ -40,13 +40,14 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
     assert sorted(p.name for p in art.iterdir()) == ["sampler.json", "sampler.onnx", "unet.onnx", "vae_decoder.onnx"]
     manifest = json.loads((art / "sampler.json").read_text())
     model = manifest["model"]
-    assert manifest["format"] == {"name": "ldmkit-onnx", "version": 1} and manifest["opset"] == E.DEFAULT_OPSET
+    assert manifest["format"] == {"name": "ldmkit-onnx", "version": 2} and manifest["opset"] == E.DEFAULT_OPSET
     assert model["T"] == 50 and len(model["alpha_bars"]) == 51 and model["alpha_bars"][0] == 1.0
     np.testing.assert_array_equal(model["alpha_bars"], Schedule.named("linear", 50).alpha_bars)
     assert model["defaults"]["timesteps"] == timesteps(8, 50, "trailing").tolist() and model["defaults"]["steps"] == 8
     assert (model["num_classes"], model["null_class"], model["prediction"]) == (10, 10, "eps")
     assert model["latent_shape"] == [2, 8, 8] and model["image_shape"] == [1, 32, 32]
-    assert [i["name"] for i in manifest["files"]["sampler"]["inputs"]] == ["noise", "y", "guidance", "steps"]
+    assert [i["name"] for i in manifest["files"]["sampler"]["inputs"]] == ["noise", "y", "guidance", "steps",
+                                                                           "method"]
     assert [i["name"] for i in manifest["files"]["unet"]["inputs"]] == ["x_t", "t", "y"]
     for role, entry in manifest["files"].items():
         data = (art / entry["path"]).read_bytes()
@@ -61,7 +62,7 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
     uncond = json.loads((onnx_artifacts["uncond"] / "sampler.json").read_text())
     assert uncond["opset"] == 20 and uncond["model"]["null_class"] is None
     assert [i["name"] for i in uncond["files"]["unet"]["inputs"]] == ["x_t", "t"]
-    assert [i["name"] for i in uncond["files"]["sampler"]["inputs"]] == ["noise", "steps"]
+    assert [i["name"] for i in uncond["files"]["sampler"]["inputs"]] == ["noise", "steps", "method"]
 
 
 def test_exported_attention_transposes_fold_into_matmuls(onnx_artifacts):
@@ -145,11 +146,34 @@ def test_sampler_graph_step_counts_and_clamping(onnx_artifacts):
     x_T, _ = runner.noise(3, 1, seed=0, loop=False)
     graph = ort.InferenceSession(str(onnx_artifacts["uncond"] / "sampler.onnx"), providers=["CPUExecutionProvider"])
     for steps in (1, 7, 40):
-        got = graph.run(None, {"noise": x_T, "steps": np.array(steps)})[0]
+        got = graph.run(None, {"noise": x_T, "steps": np.array(steps), "method": np.array(0)})[0]
         assert np.abs(got - runner.sample(3, steps=steps, noise=(x_T, None))).max() <= TOL, steps
     for steps, same in ((0, 1), (500, 40)):
-        got = graph.run(None, {"noise": x_T, "steps": np.array(steps)})[0]
-        np.testing.assert_array_equal(got, graph.run(None, {"noise": x_T, "steps": np.array(same)})[0])
+        got = graph.run(None, {"noise": x_T, "steps": np.array(steps), "method": np.array(0)})[0]
+        np.testing.assert_array_equal(got, graph.run(None, {"noise": x_T, "steps": np.array(same),
+                                                            "method": np.array(0)})[0])
+
+
+@pytest.mark.parametrize("name", ["cond", "uncond"])
+def test_sampler_graph_runs_each_method_as_the_python_loop_A2_A5(onnx_artifacts, name):
+    """Every method of sampler.onnx (DDIM, DPM-Solver++(2M)) against the reference loop through the Python
+    runtime on the same noise, within 1e-5, at step counts that divide T and that do not (1, 2, 7, 13, full)."""
+    runner = rt.OnnxSampler(onnx_artifacts[name], provider="cpu")
+    assert runner.model.graph_samplers == ("ddim", "dpmpp2m") and all(s in SAMPLERS for s in ("ddim", "dpmpp2m"))
+    T = runner.model.T
+    y = [3, 0, 9] if name == "cond" else None
+    x_T, _ = runner.noise(3, 1, seed=6, loop=False)
+    results = {}
+    for sampler in runner.model.graph_samplers:
+        for steps in (1, 2, 7, 13, T):
+            graph = runner.sample_graph(3, y, steps, 2.0 if y else None, noise=(x_T, None), sampler=sampler)
+            python = runner.sample(3, y, sampler, steps, 0.0, 2.0 if y else None, noise=(x_T, None))
+            assert np.abs(graph - python).max() <= 1e-5, (sampler, steps)
+            results[sampler, steps] = graph
+    np.testing.assert_array_equal(results["ddim", 1], results["dpmpp2m", 1])  # one step: no multistep term
+    assert np.abs(results["ddim", 7] - results["dpmpp2m", 7]).max() > 1e-3  # the 2M correction is used
+    with pytest.raises(ValueError, match=r"sampler\.onnx runs"):
+        runner.sample_graph(3, y, 5, sampler="heun")
 
 
 def test_export_fails_above_tolerance_and_leaves_nothing(tiny_checkpoints, tmp_path, monkeypatch):

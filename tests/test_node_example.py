@@ -61,6 +61,13 @@ def test_node_example_matches_python(onnx_artifacts, tmp_path):
     assert np.abs(node - python).max() <= 1e-4
     want = np.round(make_grid(python, nrow=10)[0] * 255)
     assert np.abs(png_pixels(out.read_bytes()).astype(np.float64) - want).max() <= 1
+    run = subprocess.run(["node", "sample.js", str(onnx_artifacts["cond"]), "noise.npy", str(out), "--steps", "6",
+                          "--guidance", "2.5", "--sampler", "dpmpp2m"], cwd=work, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    node = np.fromfile(f"{out}.f32", dtype="<f4").reshape(12, 1, 32, 32)
+    python = runner.sample(12, labels, "dpmpp2m", steps=6, guidance=2.5, noise=(x_T, None))
+    assert np.abs(node - python).max() <= 1e-4 and np.abs(node - graph).max() > 1e-3  # another method
     bad = subprocess.run(["node", "sample.js", str(tmp_path / "missing"), "noise.npy", str(out)], cwd=work,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")

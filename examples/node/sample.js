@@ -1,8 +1,8 @@
 // Sample images from an ldmkit ONNX artifact with onnxruntime-node: ONE session.run of sampler.onnx
-// (DDIM + classifier-free guidance + VAE decoder), no scheduler code here.
+// (DDIM or DPM-Solver++(2M) + classifier-free guidance + VAE decoder), no scheduler code here.
 //
 //   npm install --onnxruntime-node-install=skip     # the CPU build, from the npm registry only
-//   node sample.js ARTIFACT_DIR NOISE.npy OUT.png [--class K] [--guidance W] [--steps N]
+//   node sample.js ARTIFACT_DIR NOISE.npy OUT.png [--class K] [--guidance W] [--steps N] [--sampler ddim|dpmpp2m]
 //
 // NOISE.npy: x_T as float32 (N, C, H, W), e.g. np.save("noise.npy", rng.standard_normal((8, 4, 8, 8), np.float32)).
 // Writes OUT.png (a grid) and OUT.png.f32 (the images, raw little-endian float32 (N, c, H', W') in [0, 1]).
@@ -82,7 +82,10 @@ function option(args, name, fallback) {
 
 async function main(argv) {
   const [dir, noiseFile, out] = argv;
-  if (!dir || !noiseFile || !out) throw new Error("usage: node sample.js ARTIFACT_DIR NOISE.npy OUT.png [--class K] [--guidance W] [--steps N]");
+  if (!dir || !noiseFile || !out) {
+    throw new Error("usage: node sample.js ARTIFACT_DIR NOISE.npy OUT.png [--class K] [--guidance W] [--steps N] " +
+                    "[--sampler ddim|dpmpp2m]");
+  }
   const manifest = JSON.parse(fs.readFileSync(path.join(dir, "sampler.json"), "utf8"));
   const { model, files } = manifest;
   const bytes = fs.readFileSync(path.join(dir, files.sampler.path));
@@ -92,9 +95,14 @@ async function main(argv) {
   const noise = readNpy(noiseFile);
   const n = noise.dims[0];
   const steps = option(argv, "--steps", model.defaults.steps);
+  const named = argv.indexOf("--sampler");
+  const sampler = named >= 0 ? argv[named + 1] : model.defaults.sampler;
+  const method = model.graph_samplers.indexOf(sampler);  // sampler.onnx's method input: its index there
+  if (method < 0) throw new Error(`sampler.onnx runs ${model.graph_samplers.join(", ")}, not ${sampler}`);
   const feeds = {
     noise: new ort.Tensor("float32", noise.data, noise.dims),
     steps: new ort.Tensor("int64", BigInt64Array.from([BigInt(steps)]), []),
+    method: new ort.Tensor("int64", BigInt64Array.from([BigInt(method)]), []),
   };
   const k = model.num_classes;
   if (k > 0) {  // conditional: class ids (default 0, 1, ..., K-1 in turn) and the guidance scale w
@@ -106,7 +114,8 @@ async function main(argv) {
   const { images } = await session.run(feeds);
   fs.writeFileSync(`${out}.f32`, Buffer.from(images.data.buffer, images.data.byteOffset, images.data.byteLength));
   fs.writeFileSync(out, gridPng(images.data, images.dims, k > 0 ? k : 8));
-  console.log(`wrote ${out} and ${out}.f32: images ${JSON.stringify(images.dims)} float32 in [0, 1], ${steps} steps`);
+  console.log(`wrote ${out} and ${out}.f32: images ${JSON.stringify(images.dims)} float32 in [0, 1], ` +
+              `${sampler} ${steps} steps`);
 }
 
 main(process.argv.slice(2)).catch((err) => {
