@@ -296,21 +296,26 @@ class SamplerChoice(click.Choice):
               help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--graph", is_flag=True, help="ONNX folder only: one run of sampler.onnx (ddim or dpmpp2m, eta 0).")
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="grid.png (a grid) or images.npy (float32 (N, C, H, W) in [0, 1]).")
-def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, output):
+def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output):
     """Sample images from SOURCE, a checkpoint.pt or an ONNX folder.
 
     A checkpoint samples with the torch engine; a folder written by `ldmkit export onnx` with NumPy and ONNX
-    Runtime only (--device picks the provider; a seed draws other noise there than in the engine)."""
+    Runtime only (--device picks the provider; a seed draws other noise there than in the engine), through the
+    Python loop or, with --graph, in one run of sampler.onnx (the same images, to float32 round-off)."""
     from ldmkit.images import check_output_path, write_images
 
     check_output_path(output)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (pass a checkpoint.pt or an ONNX artifact folder)")
     if source.is_dir():
-        _sample_onnx(source, n, steps, sampler, eta, class_id, guidance, seed, device, output)
+        _sample_onnx(source, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output)
         return
+    if graph:
+        raise ValueError("--graph runs sampler.onnx: pass an ONNX artifact folder (ldmkit export onnx), "
+                         "not a checkpoint")
     import torch
 
     from ldmkit.engine.checkpoint import load_checkpoint
@@ -328,7 +333,7 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, out
     click.echo(f"wrote {n} images to {output}")
 
 
-def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, device, output):
+def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output):
     """`ldmkit sample DIR`: the torch-free runtime (ldmkit.export.runtime) on an exported artifact."""
     from ldmkit.export.runtime import OnnxSampler
     from ldmkit.images import write_images
@@ -337,9 +342,14 @@ def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, devic
     k = runner.num_classes
     if guidance is None and k:
         guidance = runner.model.defaults.guidance
-    images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed)
+    if graph:
+        if eta != 0:
+            raise ValueError(f"--graph runs sampler.onnx, whose samplers have no eta (got --eta {eta})")
+        images = runner.sample_graph(n, class_id, steps, guidance, seed, sampler=sampler)
+    else:
+        images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed)
     write_images(output, images, nrow=k if k and class_id is None else 8)
-    click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider})")
+    click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider}{', sampler.onnx' if graph else ''})")
 
 
 # ------------------------------------------------------------------------------------------ export
