@@ -1,5 +1,7 @@
 """Evaluation of a checkpoint on the test split: a bound on the pixel NLL in bits/dim through the
-reference's VLB (L1, L6), the VAE's reconstruction error, and statistics of samples.
+reference's VLB (L1, L6), the VAE's reconstruction error, statistics of samples, and their quality against the
+held-out test split (``engine.quality``: a classifier's accuracy and the Fréchet distance of Q2, with the
+real-vs-real floor).
 
 How the latent NLL relates to pixels. For an image x with encoder q(z given x), decoder p(x given z) and
 the diffusion prior p(z), the ELBO gives −log p(x) ≤ E_q[−log p(x given z)] + E_q[log q(z given x)] +
@@ -21,8 +23,10 @@ import torch
 from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.reference import losses
 from ldmkit.reference.kl import discretized_gaussian_log_likelihood, gaussian_log_likelihood
+from ldmkit.reference.samplers import check_sampling
 from ldmkit.reference.schedules import Schedule
 
+from . import quality
 from .config import Config
 from .data import load_dataset
 from .models import VAE, UNet
@@ -89,22 +93,27 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
             "nll_images": len(bits), **{k: float(v.mean()) for k, v in per_image.items()}}
 
 
-def class_fidelity(config: Config, vae: VAE, unet: UNet, train_images, train_labels, test_images, test_labels,
-                   per_class: int = 50, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-                   seed: int = 0) -> dict:
-    """Sample statistics: pixel mean/std of samples against the test set, and the accuracy of a
-    nearest-class-mean classifier (class means of the training images) on samples of each requested class,
-    beside its accuracy on the real test images (what "recognisable" can reach for that classifier)."""
+def eval_samples(config: Config, vae: VAE, unet: UNet, per_class: int, sampler: str = DEFAULT_SAMPLER,
+                 steps: int = DEFAULT_STEPS, guidance: float | None = DEFAULT_GUIDANCE, seed: int = 0):
+    """(samples (n, C, H, W) in [0, 1], labels (n,) or None): ``per_class`` samples of each class, in class
+    order, for a conditional model (guidance w of A9, None for plain conditional sampling), or 10·per_class
+    unconditional ones; one ``generate`` call from ``seed``."""
     k = config.unet.num_classes
     labels = np.repeat(np.arange(k), per_class) if k else None
     n = k * per_class if k else 10 * per_class
-    samples = generate(config, vae, unet, n, labels, DEFAULT_SAMPLER, steps, guidance=guidance if k else None,
-                       seed=seed)
+    samples = generate(config, vae, unet, n, labels, sampler, steps, guidance=guidance if k else None, seed=seed)
+    return samples, labels
+
+
+def class_fidelity(samples: np.ndarray, labels, train_images, train_labels, test_images, test_labels) -> dict:
+    """Sample statistics: pixel mean/std of samples against the test set, and the accuracy of a
+    nearest-class-mean classifier (class means of the training images) on samples of each requested class,
+    beside its accuracy on the real test images (what "recognisable" can reach for that classifier)."""
     test01 = ((test_images + 1) / 2).numpy()
     out = {"sample_pixel_mean": float(samples.mean()), "sample_pixel_std": float(samples.std()),
-           "test_pixel_mean": float(test01.mean()), "test_pixel_std": float(test01.std()), "samples": n,
-           "sampler": f"ddim {steps} steps, guidance {guidance if k else 'none'}"}
-    if k and train_labels is not None and test_labels is not None:
+           "test_pixel_mean": float(test01.mean()), "test_pixel_std": float(test01.std()), "samples": len(samples)}
+    if labels is not None and train_labels is not None and test_labels is not None:
+        k = int(labels.max()) + 1
         train01 = ((train_images + 1) / 2).numpy().reshape(len(train_images), -1)
         means = np.stack([train01[train_labels.numpy() == c].mean(0) for c in range(k)])
 
@@ -117,13 +126,33 @@ def class_fidelity(config: Config, vae: VAE, unet: UNet, train_images, train_lab
     return out
 
 
-def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, seed: int = 0) -> dict:
-    """All of the above for a loaded checkpoint dict; returns a JSON-ready dict."""
+def sample_quality(samples: np.ndarray, labels, train_images, train_labels, test_images, test_labels,
+                   num_classes: int | None = None) -> dict:
+    """The measure of ``engine.quality`` (classifier accuracy, Fréchet distance (Q2) to the held-out test
+    split, the real-vs-real floor and the ratio), with the classifier trained here on the training split;
+    images as ``load_dataset`` gives them ([−1, 1]). A dataset without labels gives {"quality_skipped": why}."""
+    if train_labels is None:
+        return {"quality_skipped": "the dataset has no labels to train the quality classifier on"}
+    reference = quality.build_reference((train_images + 1) / 2, train_labels, (test_images + 1) / 2,
+                                        test_labels, num_classes)
+    return {**quality.measure(reference, samples, labels), "quality_held_out_images": len(test_images),
+            "quality_classifier_accuracy": reference.held_out_accuracy,
+            "quality_classifier_seconds": reference.train_seconds}
+
+
+def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, seed: int = 0,
+             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | None = None) -> dict:
+    """All of the above for a loaded checkpoint dict; returns a JSON-ready dict. The samples (``per_class`` of
+    each class; 0 skips them) come from ``sampler`` with ``steps`` and ``guidance`` (default
+    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs."""
     from .sample import models_from_checkpoint
 
     config, vae, unet = models_from_checkpoint(ckpt, device)
-    spec, size = config.data["spec"], config.vae.image_size
     k = config.unet.num_classes or None
+    if guidance is None and k:
+        guidance = DEFAULT_GUIDANCE
+    check_sampling(Schedule.named(config.diffusion.schedule, config.diffusion.T), sampler, steps, 0.0, guidance, k)
+    spec, size = config.data["spec"], config.vae.image_size
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
     train_x, train_y, _ = load_dataset(spec, "train", size, k)
     result = {"checkpoint_step": ckpt["step"], "test_images": len(test_x)}
@@ -131,5 +160,9 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
     if nll_images:
         result.update(nll_bits_per_dim(config, vae, unet, test_x[:nll_images], device, seed))
     if per_class:
-        result.update(class_fidelity(config, vae, unet, train_x, train_y, test_x, test_y, per_class, seed=seed))
+        samples, labels = eval_samples(config, vae, unet, per_class, sampler, steps, guidance, seed)
+        result.update(class_fidelity(samples, labels, train_x, train_y, test_x, test_y))
+        result["sampler"] = f"{sampler} {steps} steps, guidance {guidance if k else 'none'}"
+        result.update({"quality_sampler": sampler, "quality_steps": steps, "quality_guidance": guidance})
+        result.update(sample_quality(samples, labels, train_x, train_y, test_x, test_y, k))
     return result

@@ -5,7 +5,7 @@
     ldmkit_version  the ldmkit that exported it
     opset           the ONNX opset of the three graphs
     model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes, classes, the
-                    samplers of sampler.onnx's ``method`` input in order, ``Defaults``
+                    samplers of sampler.onnx's ``method`` input in order, the precision of its loop, ``Defaults``
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
@@ -68,6 +68,7 @@ class Model:
     timestep_spacing: str = checked(repr(SPACING), lambda v: v == SPACING)
     graph_samplers: tuple[str, ...] = checked(f"a list of names from {list(SAMPLERS)}",
                                               lambda v: len(v) > 0 and all(s in SAMPLERS for s in v))
+    graph_precision: str = checked("'float64' or 'float32'", lambda v: v in ("float64", "float32"))
     defaults: Defaults
 
     def check(self, where: str) -> None:

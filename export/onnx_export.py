@@ -33,7 +33,7 @@ from ldmkit.reference.schedules import Schedule, timesteps
 
 from . import manifest as M
 from . import runtime as rt
-from .sampler_graph import build_sampler
+from .sampler_graph import PRECISIONS, build_sampler
 
 DEFAULT_OPSET = 18  # the dynamo exporter's lowest; as fast here as 20, 21 and 23, and read by older runtimes
 #: a graph passes when max |onnx − torch| <= TOLERANCE · max(1, max |torch|): float32 round-off. It holds for
@@ -172,11 +172,14 @@ CONVENTIONS = {
 
 
 def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps: int = DEFAULT_STEPS,
-                force: bool = False, log=print) -> Path:
+                force: bool = False, log=print, precision: str = "float64") -> Path:
     """Export ``checkpoint_path`` (an ldmkit checkpoint.pt, EMA U-Net weights) to ``out_dir`` (default: an
     ``onnx`` folder beside it); ``steps`` is the default step count recorded in sampler.json (and used for the
-    sampler's parity check). Refuses a non-empty ``out_dir`` unless ``force``. ``log`` receives one line per
-    check. Returns ``out_dir``. ValueError (ExportError for a failed check) leaves no output behind."""
+    sampler's parity check); ``precision`` is sampler.onnx's loop ("float64", or "float32": no float64 tensor
+    in the graph). Refuses a non-empty ``out_dir`` unless ``force``. ``log`` receives one line per check.
+    Returns ``out_dir``. ValueError (ExportError for a failed check) leaves no output behind."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     checkpoint_path = Path(checkpoint_path)
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent / "onnx"
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= onnx.defs.onnx_opset_version():
@@ -200,6 +203,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "prediction": config.diffusion.prediction, "latent_shape": list(config.latent_shape),
         "latent_scale": float(config.latent_scale), "image_shape": image_shape, "num_classes": k,
         "null_class": k if k else None, "timestep_spacing": SPACING, "graph_samplers": list(M.GRAPH_SAMPLERS),
+        "graph_precision": precision,
         "defaults": {"sampler": DEFAULT_SAMPLER, "steps": steps, "eta": 0.0, "guidance": guidance,
                      "timesteps": timesteps(steps, T, SPACING).tolist()},
     }
@@ -211,7 +215,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
     models = {"unet": _to_onnx(unet, unet_args, ["x_t", "t", "y"][: len(unet_args)], "prediction", opset),
               "vae_decoder": _to_onnx(decoder, (x,), ["z"], "image", opset)}
     models["sampler"] = build_sampler(models["unet"], models["vae_decoder"], schedule, config.diffusion.prediction,
-                                      k if k else None)
+                                      k if k else None, precision)
     blobs = {role: _tag(m, role, digest).SerializeToString() for role, m in models.items()}
     sessions = {role: _session(data, role) for role, data in blobs.items()}
     parity = _parity_models(sessions, unet, decoder, config, log)

@@ -32,13 +32,15 @@ from ldmkit.reference.schedules import Schedule
 from .manifest import GRAPH_SAMPLERS
 
 F32, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
+PRECISIONS = ("float64", "float32")
 
 
 class _Graph:
-    """A list of nodes and constant initializers under construction."""
+    """A list of nodes and constant initializers under construction; ``real`` is the NumPy type of its floats."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, real=np.float64):
         self.prefix, self.nodes, self.inits, self.count = prefix, [], [], 0
+        self.real, self.REAL = real, (F64 if real == np.float64 else F32)
 
     def const(self, value, dtype) -> str:
         self.count += 1
@@ -85,35 +87,44 @@ def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction:
     else:
         x0 = e
     ab_prev = at("alpha_bars", t_prev)
-    room = g.op("Max", g.op("Sub", g.const(1.0, np.float64), ab_prev), g.const(0.0, np.float64))
+    room = g.op("Max", g.op("Sub", g.const(1.0, g.real), ab_prev), g.const(0.0, g.real))
     xi = g.op("Div", g.op("Sqrt", room), at("sqrt_one_minus_alpha_bars", t))
     zeta = g.op("Sub", g.op("Sqrt", ab_prev), g.op("Mul", xi, at("sqrt_alpha_bars", t)))
     h = g.op("Sub", at("half_log_snr", t_prev), at("half_log_snr", t))
-    q = g.op("Div", g.op("Mul", g.const(0.5, np.float64), h), h_last)
-    corrected = g.op("Sub", g.op("Mul", g.op("Add", g.const(1.0, np.float64), q), x0), g.op("Mul", q, x0_last))
+    q = g.op("Div", g.op("Mul", g.const(0.5, g.real), h), h_last)
+    corrected = g.op("Sub", g.op("Mul", g.op("Add", g.const(1.0, g.real), q), x0), g.op("Mul", q, x0_last))
     d = g.op("Where", multistep, corrected, x0)
     return g.op("Add", g.op("Mul", zeta, d), g.op("Mul", xi, x)), x0, h
 
 
 def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Schedule, prediction: str,
-                  null_class: int | None) -> onnx.ModelProto:
+                  null_class: int | None, precision: str = "float64") -> onnx.ModelProto:
     """The single-graph sampler from the exported unet.onnx and vae_decoder.onnx (same opset); ``null_class``
-    None for an unconditional U-Net (no y input). See the module docstring for inputs and outputs."""
+    None for an unconditional U-Net (no y input); ``precision`` of the loop state and the schedule tables,
+    "float64" or "float32" (no float64 anywhere: runtimes without float64 kernels, such as onnxruntime-web's
+    WebGPU bundle, can run it). See the module docstring for inputs and outputs."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    real = np.float64 if precision == "float64" else np.float32
     conditional = null_class is not None
     latent = [d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim][1:]
-    main, body = _Graph("main/"), _Graph("body/")
-    tab = {k: main.const(getattr(schedule, k), np.float64) for k in (
+    main, body = _Graph("main/", real), _Graph("body/", real)
+    tab = {k: main.const(getattr(schedule, k), real) for k in (
         "alpha_bars", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars", "sqrt_recip_alpha_bars",
         "sqrt_recipm1_alpha_bars")}
-    tab["half_log_snr"] = main.const(0.5 * schedule.log_snr, np.float64)  # λ_t; +inf at t = 0 (never used there)
+    tab["half_log_snr"] = main.const(0.5 * schedule.log_snr, real)  # λ_t; +inf at t = 0 (never used there)
     T = schedule.T
 
     # the trailing step list t_i = round(T + i·(−T/N)) and its successors [t_1, …, t_{N−1}, 0]
     steps = main.op("Max", main.op("Min", "steps", main.const(T, np.int64)), main.const(1, np.int64))
-    idx = main.op("Cast", main.op("Range", main.const(0, np.int64), steps, main.const(1, np.int64)), to=F64)
-    delta = main.op("Div", main.const(-float(T), np.float64), main.op("Cast", steps, to=F64))
-    ts = main.op("Cast", main.op("Round", main.op("Add", main.const(float(T), np.float64),
-                                                 main.op("Mul", idx, delta))), to=I64, out="main/timesteps")
+    # in integers: t_i = n + 1 where 2r > N or (2r = N and n odd), n, r = divmod(T·(N − i), N)
+    p = main.op("Mul", main.const(T, np.int64),
+                main.op("Sub", steps, main.op("Range", main.const(0, np.int64), steps, main.const(1, np.int64))))
+    n = main.op("Div", p, steps)
+    two_r = main.op("Mul", main.const(2, np.int64), main.op("Sub", p, main.op("Mul", n, steps)))
+    odd = main.op("Equal", main.op("Mod", n, main.const(2, np.int64)), main.const(1, np.int64))
+    up = main.op("Or", main.op("Greater", two_r, steps), main.op("And", main.op("Equal", two_r, steps), odd))
+    ts = main.op("Add", n, main.op("Cast", up, to=I64), out="main/timesteps")
     prevs = main.op("Concat", main.op("Slice", ts, main.const([1], np.int64), main.const([2**62], np.int64)),
                     main.const([0], np.int64), axis=0)
 
@@ -125,32 +136,34 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     x32 = body.op("Cast", "x", to=F32)
     batch = body.op("Shape", x32, start=0, end=1)
     if conditional:
-        w = main.op("Cast", "guidance", to=F64)
+        w = main.op("Cast", "guidance", to=main.REAL)
         double = body.op("Mul", batch, body.const([2], np.int64))
         feeds = {"x_t": body.op("Concat", x32, x32, axis=0), "t": body.op("Expand", t, double),
                  "y": body.op("Concat", "y", body.op("Expand", body.const(null_class, np.int64), batch), axis=0)}
-        out = body.op("Cast", _inline(body, unet, "unet/", feeds), to=F64)
+        out = body.op("Cast", _inline(body, unet, "unet/", feeds), to=main.REAL)
         cond = body.op("Slice", out, body.const([0], np.int64), batch, body.const([0], np.int64))
         uncond = body.op("Slice", out, batch, double, body.const([0], np.int64))
         e = body.op("Add", uncond, body.op("Mul", w, body.op("Sub", cond, uncond)))
     else:
         feeds = {"x_t": x32, "t": body.op("Expand", t, batch)}
-        e = body.op("Cast", _inline(body, unet, "unet/", feeds), to=F64)
+        e = body.op("Cast", _inline(body, unet, "unet/", feeds), to=main.REAL)
     x_prev, x0, h = _step(body, tab, "x", e, t, t_prev, prediction, multistep, "x0_last", "h_last")
     body.op("Identity", "cond", out="cond_out")
     for value, name in ((x_prev, "x_out"), (x0, "x0_out"), (h, "h_out")):
         body.op("Identity", value, out=name)
+    def value(name, dtype, shape=None):
+        return helper.make_tensor_value_info(name, dtype, shape)
+
     body_graph = helper.make_graph(
         body.nodes, "sampler_step",
-        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", BOOL, []),
-         helper.make_tensor_value_info("x", F64, None), helper.make_tensor_value_info("x0_last", F64, None),
-         helper.make_tensor_value_info("h_last", F64, [])],
-        [helper.make_tensor_value_info("cond_out", BOOL, []), helper.make_tensor_value_info("x_out", F64, None),
-         helper.make_tensor_value_info("x0_out", F64, None), helper.make_tensor_value_info("h_out", F64, [])],
+        [value("i", I64, []), value("cond", BOOL, []), value("x", main.REAL), value("x0_last", main.REAL),
+         value("h_last", main.REAL, [])],
+        [value("cond_out", BOOL, []), value("x_out", main.REAL), value("x0_out", main.REAL),
+         value("h_out", main.REAL, [])],
         initializer=body.inits)
 
-    x_T = main.op("Cast", "noise", to=F64)
-    loop = helper.make_node("Loop", [steps, "", x_T, x_T, main.const(1.0, np.float64)],
+    x_T = main.op("Cast", "noise", to=main.REAL)
+    loop = helper.make_node("Loop", [steps, "", x_T, x_T, main.const(1.0, real)],
                             ["main/z0", "main/x0_final", "main/h_final"], name="main/loop", body=body_graph)
     main.nodes.append(loop)
     z0 = "main/z0"

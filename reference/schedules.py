@@ -192,14 +192,16 @@ def timesteps(num_steps: int, T: int, spacing: str = "linspace", offset: int = 0
 
         linspace: k_i = round(i·(T−1)/(N−1)), computed as np.linspace(0, T−1, N).round();
         leading:  k_i = i·(T//N) + offset (exact; ``offset`` is diffusers' ``steps_offset``);
-        trailing: k_i = round(T − i·T/N) − 1, computed as np.round(T + i·(−T/N)) − 1.
+        trailing: k_i = round(T − i·T/N) − 1, exact: integer arithmetic, round half to even.
 
-    np.round rounds half to even, but it rounds the float64 values: where the exact fraction is half an
-    integer, float error may round it the other way (T = 1000: linspace at 92 values of N, trailing at 11,
-    e.g. N = 240). The lists equal diffusers' DDIMScheduler.set_timesteps for linspace and leading at every
-    N. For trailing, diffusers computes np.round(np.arange(T, 0, −T/N)) − 1, which differs at 111 values of N
-    for T = 1000: at some (61, 103, 121, 122, 201, …) it has N + 1 entries ending at k = −1, at others
-    (48, 96, …) it breaks a tie the other way. Always N steps here; see docs/diffusers.md.
+    linspace rounds float64 values as diffusers does (np.round, half to even): where the exact fraction is half
+    an integer, float error may round it the other way (T = 1000: at 92 values of N, e.g. 27, where diffusers
+    gives the same lists). trailing, the product's spacing, is computed exactly, so that the NumPy runtime,
+    the torch engine and sampler.onnx (in float64 or float32) compute the same list without floats. The lists
+    equal diffusers' DDIMScheduler.set_timesteps for linspace and leading at every N. For trailing, diffusers
+    computes np.round(np.arange(T, 0, −T/N)) − 1 in float64, which differs at 111 values of N for T = 1000: at
+    some (61, 103, 121, 122, 201, …) it has N + 1 entries ending at k = −1, at others (48, 96, …) it breaks a
+    tie another way. Always N steps here; see docs/diffusers.md.
     """
     T = check_int(T, "T", 1)
     num_steps = check_int(num_steps, "num_steps", 1, T)
@@ -209,12 +211,18 @@ def timesteps(num_steps: int, T: int, spacing: str = "linspace", offset: int = 0
         offset = check_int(offset, "offset", 0, T - 1 - (num_steps - 1) * (T // num_steps))
         k = np.arange(num_steps) * (T // num_steps) + offset
     elif spacing == "trailing":
-        k = np.round(T + np.arange(num_steps) * (-T / num_steps)) - 1
+        k = _round_half_even(T * (num_steps - np.arange(num_steps)), num_steps) - 1
     else:
         raise ValueError(f"spacing must be one of ['leading', 'linspace', 'trailing'], got {spacing!r}")
     if spacing != "leading" and offset != 0:
         raise ValueError(f"offset applies only to spacing='leading', got offset={offset} with {spacing!r}")
     return np.sort(k.astype(np.int64) + 1)[::-1].copy()
+
+
+def _round_half_even(p: np.ndarray, q: int) -> np.ndarray:
+    """p/q for integers p ≥ 0 and q > 0, rounded to the nearest integer, ties to even, in integer arithmetic."""
+    n, r = np.divmod(p, q)
+    return n + ((2 * r > q) | ((2 * r == q) & (n % 2 == 1)))
 
 
 def respace(schedule: Schedule, timesteps) -> Schedule:

@@ -224,3 +224,42 @@ def test_cli_export_bad_input(tiny_checkpoints, tmp_path):
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.pt", "notes.pt"]
+
+
+def _float64_items(graph: onnx.GraphProto) -> list[str]:
+    """Every float64 thing in a graph and its subgraphs: initializers, Cast targets, typed values."""
+    f64 = onnx.TensorProto.DOUBLE
+    found = [f"initializer {t.name}" for t in graph.initializer if t.data_type == f64]
+    found += [f"value {v.name}" for v in (*graph.input, *graph.output, *graph.value_info)
+              if v.type.tensor_type.elem_type == f64]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.name == "to" and a.i == f64:
+                found.append(f"Cast {node.name} to float64")
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f64:
+                found.append(f"constant {node.name}")
+            if a.type == onnx.AttributeProto.GRAPH:
+                found += _float64_items(a.g)
+    return found
+
+
+def test_float32_sampler_graph_has_no_float64_and_matches_the_python_loop(tiny_checkpoints, onnx_artifacts,
+                                                                          tmp_path):
+    """`--precision float32`: sampler.onnx holds no float64 tensor (shape inference included) and gives the
+    float64 Python loop's images within float32 round-off (1e-4), for each method; sampler.json says so."""
+    out = tmp_path / "f32"
+    E.export_onnx(tiny_checkpoints["uncond"], out, steps=6, log=lambda line: None, precision="float32")
+    graph = onnx.shape_inference.infer_shapes(onnx.load(out / "sampler.onnx")).graph
+    assert _float64_items(graph) == []
+    assert _float64_items(onnx.shape_inference.infer_shapes(onnx.load(
+        onnx_artifacts["uncond"] / "sampler.onnx")).graph)  # the check finds float64 where there is some
+    runner = rt.OnnxSampler(out, provider="cpu")
+    assert runner.model.graph_precision == "float32"
+    x_T, _ = runner.noise(3, 1, seed=8, loop=False)
+    for sampler in runner.model.graph_samplers:
+        for steps in (6, 40):
+            graph_images = runner.sample_graph(3, steps=steps, noise=(x_T, None), sampler=sampler)
+            python = runner.sample(3, None, sampler, steps, noise=(x_T, None))
+            assert np.abs(graph_images - python).max() <= TOL, (sampler, steps)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        E.export_onnx(tiny_checkpoints["uncond"], tmp_path / "x", precision="float16")

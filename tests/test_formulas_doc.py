@@ -1,7 +1,7 @@
 """docs/formulas.md against the code: every formula ID the code cites has a row, every row is named by a
 test, and the functions and tests a row lists exist and cite the row's ID.
 
-What counts as a formula ID (``ID_RE``): one of the family letters S, F, P, K, L, A, V, X, R followed by a
+What counts as a formula ID (``ID_RE``): one of the family letters S, F, P, K, L, A, V, X, Q, R followed by a
 number 1–99 with no leading zero, with no letter or digit on either side. An underscore separates, so the
 test name ``test_S1_P1_posterior_variance_anchors`` names S1 and P1, and "S1/S2:", "(A1, A2)", "P1's" cite
 IDs; "sha256", "float32", "TS20", "LN2", "X0", "A100", "K8s" do not. Two uses of such tokens that are not
@@ -35,15 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "formulas.md"
 THIS = Path(__file__).resolve()
 
-FAMILIES = "SFPKLAVXR"
+FAMILIES = "SFPKLAVXQR"
 ID_RE = re.compile(
     r"(?<![A-Za-z0-9])"  # not the tail of a word: TS20, LN2, sha256, float32
     r"(?!F(?:16|32|64)(?![0-9A-Za-z]))"  # dtype shorthands, not formulas F16/F32/F64
-    r"([SFPKLAVXR][1-9][0-9]?)"
+    r"([SFPKLAVXQR][1-9][0-9]?)"
     r"(?![0-9A-Za-z])"  # not the head of a word: A100, K8s
     r"(?!(?<=L[12])[\s-]+(?:norm|distance|error|loss|penalt|regularis|regulariz))"  # the L1/L2 norm
 )
-RANGE_RE = re.compile(r"(?<![A-Za-z0-9])([SFPKLAVXR])([1-9][0-9]?)\s*(?:–|—|-|\.\.)\s*\1([1-9][0-9]?)(?![0-9A-Za-z])")
+RANGE_RE = re.compile(r"(?<![A-Za-z0-9])([SFPKLAVXQR])([1-9][0-9]?)\s*(?:–|—|-|\.\.)\s*\1([1-9][0-9]?)(?![0-9A-Za-z])")
 
 SKIP_DIRS = {"build", "dist", "node_modules", "__pycache__", "venv", "runs", "docs", "golden"}
 TEXT_TOKENS = {tokenize.COMMENT, tokenize.STRING} | (
@@ -142,7 +142,7 @@ def doc_rows() -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for lineno, line in enumerate(DOC.read_text(encoding="utf-8").splitlines(), 1):
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] if line.startswith("|") else []
-        if not cells or not re.fullmatch(r"[SFPKLAVXR][1-9][0-9]?", cells[0]):
+        if not cells or not re.fullmatch(r"[SFPKLAVXQR][1-9][0-9]?", cells[0]):
             continue
         assert cells[0] not in rows, f"docs/formulas.md:{lineno}: a second row for {cells[0]}"
         assert len(cells) == 5, f"docs/formulas.md:{lineno}: {cells[0]} has {len(cells)} cells, not 5"
@@ -170,6 +170,7 @@ def test_id_definition_catches_citations_and_nothing_else():
     assert ids_in("FORMULAS L1–L11, with K1/K3–K5", True) == {f"L{n}" for n in range(1, 12)} | {"K1", "K3", "K4", "K5"}
     assert ids_in("FORMULAS L1–L11, with K1/K3–K5", False) == {"K1"}
     assert ids_in("L3: the L2 weight for σ_t² = β̃_t", True) == {"L3", "L2"}
+    assert ids_in('"""Q1: Fréchet distance; Q1–Q2', True) == {"Q1", "Q2"}
     for text in ("sha256", "float32", "TS20 = timesteps(20, T)", "LN2", "X0, XP = meshgrid", "A100 GPU", "K8s",
                  "to=F32", "F64", "the L2 distance of quantile functions", "an L1-norm", "L2 loss", "S0", "P03",
                  "x_t1", "W2² = Σ", "H200"):

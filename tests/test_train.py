@@ -207,8 +207,34 @@ def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     assert report["nll_bits_per_dim"] == pytest.approx(parts / (1024 * np.log(2)), rel=1e-9)
     assert report["recon_psnr_db"] == pytest.approx(10 * np.log10(1 / report["recon_mse"]))
     assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
+    assert report["sampler"] == "ddim 50 steps, guidance 3.0" and report["samples"] == 20
+    assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"]) == ("ddim", 50, 3.0)
+    assert 0 <= report["quality_accuracy"] <= 1 and report["quality_samples"] == 20
+    assert report["quality_fd"] >= 0 and report["quality_fd_floor"] > 0
+    assert report["quality_fd_ratio"] == pytest.approx(report["quality_fd"] / report["quality_fd_floor"])
+    assert report["quality_held_out_images"] == report["test_images"] == 32
+    assert "quality_accuracy" in result.output and "quality_fd_ratio" in result.output
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--nll-images", "0", "--per-class", "1",
+                                       "--sampler", "dpmpp2m", "--steps", "3", "--guidance", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["sampler"] == "dpmpp2m 3 steps, guidance 1.0" and report["quality_samples"] == 10
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "51"], "steps must be in 1..50"),
+    (["--sampler", "euler_a"], "sampler must be one of"),
+    (["--guidance", "-1"], "guidance must be >= 0"),
+])
+def test_cli_eval_bad_arguments(tiny_checkpoint, tmp_path, args, message):
+    """Bad sampling arguments are refused before anything runs: one line, exit 2, no eval.json."""
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "-o", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_cli_sample_refuses_bad_checkpoints(tiny_checkpoint, tmp_path):

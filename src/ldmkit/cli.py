@@ -367,11 +367,14 @@ def export_group() -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
 @click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True, help="Default step count in sampler.json.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def export_onnx_command(checkpoint, out, opset, steps, force):
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="sampler.onnx's loop; float32 has no float64 tensor (for runtimes without float64 kernels).")
+def export_onnx_command(checkpoint, out, opset, steps, force, precision):
     """Write unet.onnx, vae_decoder.onnx, sampler.onnx and sampler.json (checked against the torch models)."""
     from ldmkit.export.onnx_export import DEFAULT_OPSET, export_onnx
 
-    path = export_onnx(checkpoint, out, DEFAULT_OPSET if opset is None else opset, steps, force, log=click.echo)
+    path = export_onnx(checkpoint, out, DEFAULT_OPSET if opset is None else opset, steps, force, log=click.echo,
+                       precision=precision)
     click.echo(f"wrote {path}")
 
 
@@ -383,13 +386,20 @@ def export_onnx_command(checkpoint, out, opset, steps, force):
 @click.option("--nll-images", type=click.IntRange(min=0), default=100, show_default=True,
               help="Test images for the NLL bound (T U-Net calls per batch of 100; 0 skips it).")
 @click.option("--per-class", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Samples per class for the sample statistics (0 skips them).")
+              help="Samples per class for the sample statistics and quality (0 skips them).")
+@click.option("--sampler", type=SamplerChoice(), default=DEFAULT_SAMPLER, show_default=True,
+              help="Sampler of the samples.")
+@click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True)
+@click.option("--guidance", type=float, default=None,
+              help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: eval.json beside the checkpoint).")
-def evaluate(checkpoint, nll_images, per_class, seed, device, output):
-    """Test NLL (bits/dim, through the reference VLB), VAE reconstruction and sample statistics."""
+def evaluate(checkpoint, nll_images, per_class, sampler, steps, guidance, seed, device, output):
+    """Test NLL (bits/dim, through the reference VLB), VAE reconstruction, sample statistics and sample quality
+    against the held-out test split (a classifier's accuracy; Fréchet distance, its real-vs-real floor, the
+    ratio)."""
     import json
 
     import torch
@@ -403,7 +413,7 @@ def evaluate(checkpoint, nll_images, per_class, seed, device, output):
         raise FileNotFoundError(f"output folder {output.parent} does not exist")
     ckpt = load_checkpoint(checkpoint)
     with torch.inference_mode():
-        result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed)
+        result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed, sampler, steps, guidance)
     for key, value in result.items():
         click.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     with atomic_write(output, binary=False) as f:
