@@ -37,6 +37,8 @@ from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
 from ldmkit.reference.samplers import SAMPLERS
 
 NAMES = {"ddim": "DDIM", "ddpm": "DDPM", "heun": "Heun", "dpmpp2m": "DPM-Solver++(2M)"}
+HEADER = ("| sampler | steps | U-Net calls | guidance | accuracy | FD | FD ratio | s |\n"
+          "|---|---|---|---|---|---|---|---|")
 
 
 def ints(text: str) -> list[int]:
@@ -69,23 +71,13 @@ def cheapest(rows: list[dict], target: dict, fd_slack: float, acc_slack: float) 
     return min(good, key=lambda r: (r["calls"], r["fd_ratio"])) if good else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
-    parser.add_argument("--samples", type=int, default=500, help="samples per configuration (a multiple of 10)")
-    parser.add_argument("--steps", type=ints, default=[5, 10, 15, 20, 50])
-    parser.add_argument("--guidance", type=floats, default=[1.0, 2.0, 3.0])
-    parser.add_argument("--samplers", type=lambda t: t.split(","), default=list(SAMPLERS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=100, help="images per generate call")
-    parser.add_argument("--fd-slack", type=float, default=1.0, help="FD ratio at most this times DDIM-50's")
-    parser.add_argument("--acc-slack", type=float, default=0.005, help="accuracy at least DDIM-50's less this")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    args = parser.parse_args()
+def row_line(row: dict) -> str:
+    return (f"| {NAMES.get(row['sampler'], row['sampler'])} | {row['steps']} | {row['calls']} | {row['guidance']:g} "
+            f"| {row['accuracy']:.3f} | {row['fd']:.2f} | {row['fd_ratio']:.2f} | {row['seconds']:.1f} |")
 
-    start = time.perf_counter()
-    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+def measure_all(args) -> tuple[list[dict], dict]:
+    """Sample and measure every configuration, printing each row as it is done; (rows, facts of the run)."""
     config, vae, unet = models_from_checkpoint(load_checkpoint(args.checkpoint), "cpu")
     k = config.unet.num_classes
     if not k or args.samples % k:
@@ -99,10 +91,8 @@ def main() -> None:
           f"accuracy {reference.held_out_accuracy:.3f} on the {len(test_x)} held-out ones; FD floor "
           f"{floor:.3f} ({floor_sets} sets of {floor_images} training images vs the held-out split)", flush=True)
     labels = np.repeat(np.arange(k), args.samples // k)
-
     rows = []
-    print("| sampler | steps | U-Net calls | guidance | accuracy | FD | FD ratio | s |", flush=True)
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print(HEADER, flush=True)
     for guidance in args.guidance:
         for name in args.samplers:
             for steps in args.steps:
@@ -110,37 +100,72 @@ def main() -> None:
                 samples = sample_set(config, vae, unet, labels, name, steps, guidance, args.seed, args.batch)
                 seconds = time.perf_counter() - t0
                 m = quality.measure(reference, samples, labels)
-                row = {"sampler": name, "steps": steps, "calls": SAMPLERS[name].model_calls(steps),
-                       "guidance": guidance, "accuracy": m["quality_accuracy"], "fd": m["quality_fd"],
-                       "fd_ratio": m["quality_fd_ratio"], "seconds": seconds}
-                rows.append(row)
-                print(f"| {NAMES.get(name, name)} | {steps} | {row['calls']} | {guidance:g} | {row['accuracy']:.3f} "
-                      f"| {row['fd']:.2f} | {row['fd_ratio']:.2f} | {seconds:.1f} |", flush=True)
+                rows.append({"sampler": name, "steps": steps, "calls": SAMPLERS[name].model_calls(steps),
+                             "guidance": guidance, "accuracy": m["quality_accuracy"], "fd": m["quality_fd"],
+                             "fd_ratio": m["quality_fd_ratio"], "seconds": seconds})
+                print(row_line(rows[-1]), flush=True)
+    facts = {"checkpoint": str(args.checkpoint), "samples": args.samples, "seed": args.seed, "fd_floor": floor,
+             "classifier_accuracy": reference.held_out_accuracy, "classifier_seconds": reference.train_seconds}
+    return rows, facts
 
-    print(f"\nreaching DDIM-50's quality (FD ratio <= {args.fd_slack:g} x DDIM-50's, accuracy >= DDIM-50's "
-          f"- {args.acc_slack:g}) with the fewest U-Net calls:")
-    for guidance in args.guidance:
+
+def summarize(rows: list[dict], fd_slack: float, acc_slack: float) -> None:
+    """Print, for each guidance with a DDIM-50 row and against today's default, the cheapest row that reaches it."""
+    print(f"\nreaching DDIM-50's quality (FD ratio <= {fd_slack:g} x DDIM-50's, accuracy >= DDIM-50's "
+          f"- {acc_slack:g}) with the fewest U-Net calls:")
+    for guidance in sorted({r["guidance"] for r in rows}):
         at_g = [r for r in rows if r["guidance"] == guidance]
         target = next((r for r in at_g if r["sampler"] == "ddim" and r["steps"] == 50), None)
         if target is None:
             continue
-        best = cheapest(at_g, target, args.fd_slack, args.acc_slack)  # DDIM-50 itself at worst
+        best = cheapest(at_g, target, fd_slack, acc_slack)  # DDIM-50 itself at worst
         print(f"  guidance {guidance:g}: DDIM-50 accuracy {target['accuracy']:.3f}, FD ratio {target['fd_ratio']:.2f}"
               f" -> {NAMES.get(best['sampler'], best['sampler'])} {best['steps']} steps ({best['calls']} calls): "
               f"accuracy {best['accuracy']:.3f}, FD ratio {best['fd_ratio']:.2f}")
     default = next((r for r in rows if (r["sampler"], r["steps"], r["guidance"])
                     == (DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE)), None)
     if default is not None:
-        best = cheapest(rows, default, args.fd_slack, args.acc_slack)
+        best = cheapest(rows, default, fd_slack, acc_slack)
         print(f"  any guidance, against today's default ({DEFAULT_SAMPLER} {DEFAULT_STEPS} steps, guidance "
               f"{DEFAULT_GUIDANCE:g}: accuracy {default['accuracy']:.3f}, FD ratio {default['fd_ratio']:.2f}) -> "
               f"{NAMES.get(best['sampler'], best['sampler'])} {best['steps']} steps, guidance {best['guidance']:g} "
               f"({best['calls']} calls): accuracy {best['accuracy']:.3f}, FD ratio {best['fd_ratio']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
+    parser.add_argument("--samples", type=int, default=500, help="samples per configuration (a multiple of 10)")
+    parser.add_argument("--steps", type=ints, default=[5, 10, 15, 20, 50])
+    parser.add_argument("--guidance", type=floats, default=[1.0, 2.0, 3.0])
+    parser.add_argument("--samplers", type=lambda t: t.split(","), default=list(SAMPLERS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=100, help="images per generate call")
+    parser.add_argument("--fd-slack", type=float, default=1.0, help="FD ratio at most this times DDIM-50's")
+    parser.add_argument("--acc-slack", type=float, default=0.01,
+                        help="accuracy at least DDIM-50's less this (0.01: two standard errors of the difference "
+                             "of two accuracies near 0.99 at 500 samples)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="print the table and the summary of a --json file instead of sampling")
+    args = parser.parse_args()
+
+    if args.rows is not None:
+        saved = json.loads(args.rows.read_text())
+        print(f"# {args.rows}: {saved['facts']}")
+        print(HEADER)
+        for row in saved["rows"]:
+            print(row_line(row))
+        summarize(saved["rows"], args.fd_slack, args.acc_slack)
+        return
+    start = time.perf_counter()
+    print(f"# {datetime.datetime.now().isoformat(timespec='seconds')}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows, facts = measure_all(args)
+    summarize(rows, args.fd_slack, args.acc_slack)
     print(f"# total {time.perf_counter() - start:.0f} s", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"samples": args.samples, "seed": args.seed, "floor": floor,
-                                         "classifier_accuracy": reference.held_out_accuracy, "rows": rows},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({"facts": facts, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -144,14 +144,16 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | None = None) -> dict:
     """All of the above for a loaded checkpoint dict; returns a JSON-ready dict. The samples (``per_class`` of
     each class; 0 skips them) come from ``sampler`` with ``steps`` and ``guidance`` (default
-    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs."""
+    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs when there are samples to draw."""
     from .sample import models_from_checkpoint
 
     config, vae, unet = models_from_checkpoint(ckpt, device)
     k = config.unet.num_classes or None
     if guidance is None and k:
         guidance = DEFAULT_GUIDANCE
-    check_sampling(Schedule.named(config.diffusion.schedule, config.diffusion.T), sampler, steps, 0.0, guidance, k)
+    if per_class:
+        check_sampling(Schedule.named(config.diffusion.schedule, config.diffusion.T), sampler, steps, 0.0, guidance,
+                       k)
     spec, size = config.data["spec"], config.vae.image_size
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
     train_x, train_y, _ = load_dataset(spec, "train", size, k)

@@ -18,9 +18,9 @@ The classifier (``Classifier``: three stride-2 3×3 convolutions 16→32→64 ch
 layer, a linear read-out) is trained afresh by every ``build_reference`` call, on the CPU in one thread from
 a fixed seed, so the same data give the same weights bit for bit on a machine, whatever its core count or
 the device the diffusion model runs on (across CPU types oneDNN's kernels may round differently). It takes
-a few seconds (4 epochs of the 7,000 training digits: 3 s on the project's 2-core CPU), so it is not cached
-on disk: a cache beside the checkpoint would be one more file to keep in step with this code and the data,
-and would buy those seconds back only; ``benchmarks/quality.py`` builds one reference and measures every
+a few seconds (4 epochs of the 7,000 training digits: about 4 s on the project's 2-core CPU), so it is not
+cached on disk: a cache beside the checkpoint would be one more file to keep in step with this code and the
+data, and would buy those seconds back only; ``benchmarks/quality.py`` builds one reference and measures every
 sampler with it.
 
 Images enter as float (N, C, H, W) in [0, 1] (what ``engine.sample.generate`` returns).

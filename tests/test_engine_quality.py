@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
 
-from ldmkit.engine import quality  # noqa: E402
+from ldmkit.engine import evaluate, quality  # noqa: E402
 from ldmkit.engine.data import load_dataset  # noqa: E402
 
 N = 500  # the "samples": the second half of the held-out split; the first half is the reference
@@ -81,7 +81,8 @@ def test_mode_collapse_scores_far_worse(digits, reference):
 
 def test_classifier_is_deterministic_and_leaves_torch_as_it_was(digits):
     """Two trainings give the same weights bit for bit, whatever the caller's thread count; the global torch RNG
-    and thread count are left as they were; without labels the measure gives no accuracy."""
+    and thread count are left as they were; without labels the measure gives no accuracy, and a dataset
+    without labels no measure."""
     train_x, train_y, test_x, _ = digits
     threads, state = torch.get_num_threads(), torch.get_rng_state()
     nets = []
@@ -96,6 +97,8 @@ def test_classifier_is_deterministic_and_leaves_torch_as_it_was(digits):
     ref = quality.build_reference(train_x[:600], train_y[:600], test_x[:100])
     assert ref.held_out_accuracy is None
     assert quality.measure(ref, test_x[100:150])["quality_accuracy"] is None
+    x = torch.from_numpy(test_x[:20]) * 2 - 1  # an unlabelled dataset: nothing to train the classifier on
+    assert list(evaluate.sample_quality(test_x[:20], None, x, None, x, None)) == ["quality_skipped"]
 
 
 def test_measure_bad_input(reference, digits):
