@@ -1,4 +1,6 @@
-"""Shared pytest set-up: skip `gpu` tests without CUDA and `node` tests without Node.js/npm; the tiny
+"""Shared pytest set-up: skip `gpu` tests without CUDA, `node` tests without Node.js/npm and `browser` tests
+without Chromium (``chromium()``: $CHROMIUM, else chromium on PATH; `make test` installs Debian's package
+when it runs as root and it is missing); the tiny
 checkpoints and ONNX artifacts the export tests share (built once per session, skipped without torch/onnx).
 
 torch is imported only when a `gpu` test was collected or an ONNX fixture is used, so a numpy-only
@@ -8,6 +10,7 @@ environment runs the rest.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 
 import pytest
@@ -32,6 +35,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs Node.js and npm on PATH")
         for item in node_items:
             item.add_marker(skip)
+    browser_items = [item for item in items if item.get_closest_marker("browser") is not None]
+    if browser_items and not chromium():
+        skip = pytest.mark.skip(reason="needs Chromium ($CHROMIUM or chromium on PATH: Debian's chromium package, "
+                                       "which `make test` installs when run as root)")
+        for item in browser_items:
+            item.add_marker(skip)
+
+
+def chromium() -> str | None:
+    """The headless browser of the `browser` tests: $CHROMIUM, else ``chromium`` on PATH, else None."""
+    return os.environ.get("CHROMIUM") or shutil.which("chromium")
 
 
 # ------------------------------------------------------------------ ONNX export fixtures (tests/test_export.py,

@@ -116,7 +116,7 @@ def test_same_noise_same_images_torch_runtime_and_sampler_graph(onnx_artifacts, 
     y = None if labels is None else np.array(labels)
     engine = generate(config, vae, unet, n, y, "ddim", steps, 0.0, guidance, noise=(x_T, loop))
     python = runner.sample(n, y, "ddim", steps, 0.0, guidance, noise=(x_T.numpy(), None))
-    graph = runner.sample_graph(n, y, steps, guidance, noise=(x_T.numpy(), None))
+    graph = runner.sample_graph(n, y, steps, guidance, noise=(x_T.numpy(), None), sampler="ddim")
     assert engine.shape == python.shape == graph.shape == (n, 1, 32, 32)
     assert 0.05 < engine.std() and 0 <= graph.min() and graph.max() <= 1
     assert np.abs(python - engine).max() <= TOL
@@ -147,7 +147,7 @@ def test_sampler_graph_step_counts_and_clamping(onnx_artifacts):
     graph = ort.InferenceSession(str(onnx_artifacts["uncond"] / "sampler.onnx"), providers=["CPUExecutionProvider"])
     for steps in (1, 7, 40):
         got = graph.run(None, {"noise": x_T, "steps": np.array(steps), "method": np.array(0)})[0]
-        assert np.abs(got - runner.sample(3, steps=steps, noise=(x_T, None))).max() <= TOL, steps
+        assert np.abs(got - runner.sample(3, sampler="ddim", steps=steps, noise=(x_T, None))).max() <= TOL, steps
     for steps, same in ((0, 1), (500, 40)):
         got = graph.run(None, {"noise": x_T, "steps": np.array(steps), "method": np.array(0)})[0]
         np.testing.assert_array_equal(got, graph.run(None, {"noise": x_T, "steps": np.array(same),

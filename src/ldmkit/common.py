@@ -23,14 +23,18 @@ from ldmkit import __version__
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SPACING", "__version__", "atomic_write",
            "checked", "from_dict", "one_line", "to_plain"]
 
-DEFAULT_SAMPLER = "ddim"
-"""The sampler that ``ldmkit sample``, the training grids, ``ldmkit eval`` and sampler.json use by default."""
+DEFAULT_SAMPLER = "dpmpp2m"
+"""The sampler that ``ldmkit sample``, the training grids, ``ldmkit eval`` and sampler.json use by default:
+DPM-Solver++(2M), which reaches DDIM-50's sample quality with 10 steps (BENCHMARKS.md, "Sample quality
+against U-Net calls")."""
 
-DEFAULT_STEPS = 50
-"""Sampling steps by default (DDIM-50: the artifact's default and the README's)."""
+DEFAULT_STEPS = 10
+"""Sampling steps by default (see ``DEFAULT_SAMPLER``)."""
 
-DEFAULT_GUIDANCE = 3.0
-"""Classifier-free guidance w by default for a class-conditional model (A9; w = 1 is plain conditional)."""
+DEFAULT_GUIDANCE = 2.0
+"""Classifier-free guidance w by default for a class-conditional model (A9; w = 1 is plain conditional):
+on the demo model w = 2 keeps DDIM-50's class accuracy within a point of w = 3 with far more varied digits
+(BENCHMARKS.md)."""
 
 SPACING = "trailing"
 """The step list every product path samples on: ``reference.schedules.timesteps(N, T, "trailing")``, which
