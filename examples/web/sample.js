@@ -270,8 +270,10 @@ $("folder").addEventListener("change", async (event) => {
   folderFiles = event.target.files.length ? event.target.files : null;
   await fillDefaults();
 });
-window.addEventListener("unhandledrejection", (event) => {
-  $("error").textContent = `unexpected: ${event.reason?.message ?? event.reason}`;
+window.addEventListener("unhandledrejection", (event) => {  // a bug, not bad input: still say it on the page
+  const message = `unexpected: ${event.reason?.message ?? event.reason}`;
+  $("error").textContent = message;
+  window.ldmkit = { state: "error", error: message };
 });
 
 if (await fillDefaults() && new URLSearchParams(location.search).get("run") === "1") await run();
