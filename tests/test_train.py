@@ -336,8 +336,9 @@ def test_trained_on_28x28_digits_samples_are_28x28_everywhere(digits, tmp_path):
     assert np.load(tmp_path / "b.npy").shape == (3, 1, 28, 28)
 
 
-def test_content_size_is_checked(digits):
-    """config.data.content_size: [height, width], ints in 1..image_size; one-line errors naming the key."""
+def test_content_size_is_checked(digits, tiny_checkpoint, tmp_path):
+    """config.data.content_size: [height, width], ints in 1..image_size; one-line errors naming the key, and
+    a checkpoint that holds a bad one is refused by ``ldmkit sample`` (exit status 2, no output)."""
     good = tiny_config(digits).to_dict()
     for size in ([28, 33], [0, 28], [28], [28.0, 28], [True, 28], "28x28"):
         d = {**good, "data": {**good["data"], "content_size": size}}
@@ -347,3 +348,10 @@ def test_content_size_is_checked(digits):
         assert "\n" not in str(info.value)
     d = {**good, "data": {**good["data"], "content_size": [32, 7]}}
     assert Config.from_dict(d).output_size == (32, 7) and Config.from_dict(good).output_size == (32, 32)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "data": {**ckpt["config"]["data"], "content_size": [40, 28]}}},
+               tmp_path / "bad.pt")
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "bad checkpoint config: Config.data.content_size must be [height, width], ints in 1..32" in result.output
+    assert not (tmp_path / "g.png").exists()
