@@ -32,7 +32,7 @@ import torch
 from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.engine import quality
 from ldmkit.engine.checkpoint import load_checkpoint
-from ldmkit.engine.data import load_dataset
+from ldmkit.engine.data import center_crop, load_dataset
 from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
 from ldmkit.reference.samplers import SAMPLERS
 
@@ -85,6 +85,7 @@ def measure_all(args) -> tuple[list[dict], dict]:
     spec, size = config.data["spec"], config.vae.image_size
     train_x, train_y, _ = load_dataset(spec, "train", size, k)
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
+    train_x, test_x = (center_crop(x, config.output_size) for x in (train_x, test_x))  # the samples' size
     reference = quality.build_reference((train_x + 1) / 2, train_y, (test_x + 1) / 2, test_y, k)
     floor, floor_images, floor_sets = quality.fd_floor(reference, args.samples)
     print(f"# classifier: trained in {reference.train_seconds:.1f} s on {len(train_x)} training images, "

@@ -166,8 +166,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """Everything a run needs. ``data`` is the dataset description of ``engine.data.load_dataset``;
-    ``latent_shape`` (C, H, W) and ``latent_scale`` (1/std of the cached latents) are filled in after stage 1."""
+    """Everything a run needs. ``data`` is the dataset description of ``engine.data.load_dataset`` (training
+    records its ``content_size`` [height, width], the data's own size before padding to ``vae.image_size``,
+    at which sampling returns images: ``output_size``); ``latent_shape`` (C, H, W) and ``latent_scale`` (1/std
+    of the cached latents) are filled in after stage 1."""
 
     data: dict = field(default_factory=lambda: {"spec": "mnist"})
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -189,6 +191,18 @@ class Config:
                  f"Config.latent_shape = {self.latent_shape} does not match the VAE's {self.vae.latent_shape}")
         _require(self.latent_scale is None or self.latent_scale > 0,
                  f"Config.latent_scale must be > 0, got {self.latent_scale}")
+        size, s = self.data.get("content_size"), self.vae.image_size
+        _require(size is None or (isinstance(size, (list, tuple)) and len(size) == 2
+                                  and all(type(v) is int and 1 <= v <= s for v in size)),
+                 f"Config.data.content_size must be [height, width], ints in 1..{s} (vae.image_size), got {size!r}")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the images sampling returns: ``data.content_size`` (the centred window of the
+        image_size×image_size images the VAE works at, ``engine.data.center_crop``), or (image_size, image_size)
+        for a config without it (a checkpoint written before ldmkit recorded it: no crop)."""
+        size = self.data.get("content_size")
+        return (self.vae.image_size,) * 2 if size is None else (size[0], size[1])
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples become lists) for the checkpoint."""

@@ -4,7 +4,11 @@ Every source becomes float32 images (N, C, H, W) in [−1, 1] (0 = black → −
 ``image_size``, and int64 labels (N,) or None (unlabelled: an unconditional model). Images that fit are
 padded, centred, to ``image_size`` with their background colour (the median of their border pixels; MNIST's
 black: 28 → 32 adds 2 pixels each side); larger ones are first scaled down (antialiased bilinear) so that
-their longer side fits.
+their longer side fits. The data's own size, ``content_size`` (height, width) in the description, is the
+size the images had before padding: their size when they fit (MNIST: 28×28), the size they were scaled down
+to otherwise; for a folder of images of several sizes, the largest fitted height and the largest fitted width
+over all its images (both splits), so that the centred ``content_size`` window (``center_crop``) holds every
+image's pixels. Sampling returns images at that size (``Config.output_size``).
 
 Every dataset is split the same way: a permutation drawn with ``numpy.random.default_rng(SPLIT_SEED)``,
 whose first round(N·TEST_FRACTION) indices are the test split and the rest the train split (each kept in
@@ -40,7 +44,8 @@ def load_dataset(spec: str, split: str, image_size: int, num_classes: int | None
     of images (needs Pillow; class subfolders give labels in sorted-name order). Images are uint8, or
     float in [0, 1]; shapes (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3.
     ``num_classes``: if given, labels must lie in 0..num_classes−1; otherwise it is max(label)+1.
-    The description dict (plain types) records the source, format, split, sizes and class count.
+    The description dict (plain types) records the source, format, split, sizes (``image_size``, and
+    ``content_size`` [height, width]: the data's own size, see the module docstring) and class count.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -58,6 +63,8 @@ def load_dataset(spec: str, split: str, image_size: int, num_classes: int | None
         fmt, loader = _format(path)
         images, labels = loader(path)
     x = images if fmt == "folder" else _to_unit_float(images, source)  # folder: a list of (1, C, H, W)
+    fitted = [_fitted_size(*a.shape[-2:], image_size) for a in (x if fmt == "folder" else x[:1])]
+    content_size = [max(h for h, _ in fitted), max(w for _, w in fitted)]
     y, num_classes = _check_labels(labels, len(x), num_classes, source)
     test = np.random.default_rng(SPLIT_SEED).permutation(len(x))[: round(len(x) * TEST_FRACTION)]
     keep = np.isin(np.arange(len(x)), test) == (split == "test")
@@ -67,7 +74,8 @@ def load_dataset(spec: str, split: str, image_size: int, num_classes: int | None
     x = torch.cat([_fit(x[i], image_size) for i in idx.tolist()]) if fmt == "folder" else _fit(x[idx], image_size)
     description = {"spec": spec, "source": source, "format": fmt, "split": split, "num_examples": len(x),
                    "num_total": len(keep), "channels": x.shape[1], "image_size": image_size,
-                   "num_classes": num_classes, "split_seed": SPLIT_SEED, "test_fraction": TEST_FRACTION}
+                   "content_size": content_size, "num_classes": num_classes, "split_seed": SPLIT_SEED,
+                   "test_fraction": TEST_FRACTION}
     return x.mul(2.0).sub(1.0), (None if y is None else y[idx]), description
 
 
@@ -210,12 +218,31 @@ def _check_labels(labels, n: int, num_classes: int | None, source: str):
     return torch.from_numpy(a.astype(np.int64)), int(a.max()) + 1 if num_classes is None else num_classes
 
 
+def _fitted_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) of an h×w image once fitted into size×size: unchanged if it fits, else scaled so that its longer
+    side is ``size`` (each side rounded, at least 1)."""
+    if max(h, w) <= size:
+        return h, w
+    return max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+
+
+def center_crop(x, size):
+    """The centred ``size`` = (h, w) window of images (…, S, S), torch or NumPy: rows (S − h)//2 …, columns
+    (S − w)//2 …, where ``_fit`` placed an h×w image, so ``center_crop(_fit(x, S), (h, w))`` equals x (a view,
+    not a copy). ``size`` None returns x."""
+    if size is None:
+        return x
+    h, w = size
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
 def _fit(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) → (N, C, size, size): scale down to fit if larger, then pad (centred) with each image's
-    background, the median of its border pixels per channel."""
+    """(N, C, H, W) → (N, C, size, size): scale down to fit if larger (``_fitted_size``), then pad (centred)
+    with each image's background, the median of its border pixels per channel."""
     h, w = x.shape[-2:]
     if max(h, w) > size:
-        h, w = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
+        h, w = _fitted_size(h, w, size)
         x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp(0.0, 1.0)
     if (h, w) == (size, size):
         return x

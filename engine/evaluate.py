@@ -28,7 +28,7 @@ from ldmkit.reference.schedules import Schedule
 
 from . import quality
 from .config import Config
-from .data import load_dataset
+from .data import center_crop, load_dataset
 from .models import VAE, UNet
 from .sample import generate
 
@@ -144,7 +144,9 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
              sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | None = None) -> dict:
     """All of the above for a loaded checkpoint dict; returns a JSON-ready dict. The samples (``per_class`` of
     each class; 0 skips them) come from ``sampler`` with ``steps`` and ``guidance`` (default
-    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs when there are samples to draw."""
+    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs when there are samples to draw.
+    The reconstruction and the NLL bound see the image_size×image_size images the VAE works at; the samples and
+    the real images they are measured against are at the data's own size (``Config.output_size``)."""
     from .sample import models_from_checkpoint
 
     config, vae, unet = models_from_checkpoint(ckpt, device)
@@ -163,6 +165,8 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
         result.update(nll_bits_per_dim(config, vae, unet, test_x[:nll_images], device, seed))
     if per_class:
         samples, labels = eval_samples(config, vae, unet, per_class, sampler, steps, guidance, seed)
+        # samples come at the data's own size: the real images are measured at that size too
+        train_x, test_x = (center_crop(x, config.output_size) for x in (train_x, test_x))
         result.update(class_fidelity(samples, labels, train_x, train_y, test_x, test_y))
         result["sampler"] = f"{sampler} {steps} steps, guidance {guidance if k else 'none'}"
         result.update({"quality_sampler": sampler, "quality_steps": steps, "quality_guidance": guidance})

@@ -130,14 +130,15 @@ def features_and_predictions(classifier: Classifier, images, batch_size: int = 5
 @dataclasses.dataclass
 class Reference:
     """What samples are measured against: the classifier, the features of the held-out images, the features of
-    the training images (for the floor), the classifier's accuracy on the held-out images and its training
-    time in seconds."""
+    the training images (for the floor), the classifier's accuracy on the held-out images, its training
+    time in seconds, and the (height, width) of the images, which samples must share."""
 
     classifier: Classifier
     held_out_features: np.ndarray
     train_features: np.ndarray
     held_out_accuracy: float | None
     train_seconds: float
+    image_size: tuple[int, int]
 
 
 def build_reference(train_images, train_labels, held_out_images, held_out_labels=None, num_classes=None,
@@ -147,13 +148,25 @@ def build_reference(train_images, train_labels, held_out_images, held_out_labels
     accuracy on real held-out images (what a perfect sampler could reach)."""
     train_labels = np.asarray(train_labels)
     k = int(train_labels.max()) + 1 if num_classes is None else int(num_classes)
+    size = _size(train_images)
+    if _size(held_out_images) != size:
+        raise ValueError(f"training and held-out images must have one size, got {_text(size)} and "
+                         f"{_text(_size(held_out_images))}")
     start = time.perf_counter()
     classifier = train_classifier(train_images, train_labels, k, seed)
     seconds = time.perf_counter() - start
     held_feats, held_preds = features_and_predictions(classifier, held_out_images)
     train_feats, _ = features_and_predictions(classifier, train_images)
     accuracy = None if held_out_labels is None else float((held_preds == np.asarray(held_out_labels)).mean())
-    return Reference(classifier, held_feats, train_feats, accuracy, seconds)
+    return Reference(classifier, held_feats, train_feats, accuracy, seconds, size)
+
+
+def _size(images) -> tuple[int, int]:
+    return tuple(int(v) for v in np.shape(images)[-2:])
+
+
+def _text(size) -> str:
+    return "×".join(map(str, size))
 
 
 def fd_floor(reference: Reference, n: int) -> tuple[float, int, int]:
@@ -171,7 +184,11 @@ def fd_floor(reference: Reference, n: int) -> tuple[float, int, int]:
 def measure(reference: Reference, samples, labels=None) -> dict:
     """The quality of ``samples`` (N, C, H, W) in [0, 1], N ≥ 2, asked for classes ``labels`` (N,) or None
     (unconditional): the keys quality_accuracy (None without labels), quality_fd, quality_fd_floor,
-    quality_fd_ratio, quality_samples, quality_floor_images, quality_floor_sets (module docstring)."""
+    quality_fd_ratio, quality_samples, quality_floor_images, quality_floor_sets (module docstring). The samples
+    must have the size of the reference's images (``Reference.image_size``)."""
+    if np.ndim(samples) == 4 and _size(samples) != reference.image_size:
+        raise ValueError(f"samples are {_text(_size(samples))} but the real images are "
+                         f"{_text(reference.image_size)}; measure them at the same size")
     feats, preds = features_and_predictions(reference.classifier, samples)
     if len(feats) < 2:
         raise ValueError(f"the quality measure needs at least 2 samples, got {len(feats)}")

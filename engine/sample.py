@@ -1,6 +1,7 @@
 """Sampling from a trained checkpoint: the reference's samplers (``ldmkit.reference.samplers.sample``: DDPM,
 DDIM, Heun or DPM-Solver++(2M), optionally with classifier-free guidance, A9) run on torch tensors with the
-U-Net (``diffusion.torch_model``), then the VAE decoder on z_0 · latent_scale (V2). Used by
+U-Net (``diffusion.torch_model``), then the VAE decoder on z_0 · latent_scale (V2) and the centred crop to the
+data's own size (``Config.output_size``: 28×28 for the built-in digits, which the VAE sees padded to 32×32). Used by
 ``ldmkit sample CHECKPOINT``, ``ldmkit eval``, the ONNX export's parity check and training's sample grids.
 
 Noise is drawn on the CPU from ``torch.Generator().manual_seed(seed)`` (x_T first, then one slot per
@@ -17,6 +18,7 @@ from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import Schedule
 
 from .config import Config
+from .data import center_crop
 from .diffusion import torch_model
 from .models import VAE, UNet
 
@@ -45,8 +47,9 @@ def sample_noise(config: Config, n: int, steps: int, seed: int) -> tuple[torch.T
 def generate(config: Config, vae: VAE, unet: UNet, n: int, labels=None, sampler: str = DEFAULT_SAMPLER,
              steps: int = DEFAULT_STEPS, eta: float = 0.0, guidance: float | None = None, seed: int = 0,
              noise=None) -> np.ndarray:
-    """n images (n, C, H, W) float32 in [0, 1]. ``labels``: None (all classes in turn for a conditional model),
-    a class id, or n class ids (``R.class_labels``); ``guidance`` w of A9 (None: plain conditional sampling).
+    """n images (n, C, H, W) float32 in [0, 1], (H, W) = ``config.output_size``. ``labels``: None (all classes in
+    turn for a conditional model), a class id, or n class ids (``R.class_labels``); ``guidance`` w of A9 (None:
+    plain conditional sampling).
     ``noise``: optional (x_T, loop noise) as from ``sample_noise`` (overrides ``seed``)."""
     k = config.unet.num_classes
     schedule = Schedule.named(config.diffusion.schedule, config.diffusion.T)
@@ -57,5 +60,5 @@ def generate(config: Config, vae: VAE, unet: UNet, n: int, labels=None, sampler:
     x_T, loop = noise if noise is not None else sample_noise(config, n, steps, seed)
     z = R.sample(torch_model(unet), x_T.to(device), schedule, sampler, steps, eta, loop.to(device),
                  config.diffusion.prediction, y, guidance, null_class)
-    images = vae.decode(z * config.latent_scale)
+    images = center_crop(vae.decode(z * config.latent_scale), config.output_size)
     return ((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()

@@ -379,7 +379,8 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
     if labels is None and config.unet.num_classes:
         raise ValueError(f"dataset {config.data['spec']} has no labels but the config asks for a class-conditional "
                          f"model (unet.num_classes = {config.unet.num_classes}); set it to 0")
-    config.data = {**config.data, **{k: description[k] for k in ("source", "format", "num_examples", "num_classes")}}
+    config.data = {**config.data, **{k: description[k] for k in ("source", "format", "num_examples", "content_size",
+                                                                   "num_classes")}}
     if run.main:
         with atomic_write(out / "config.json", binary=False) as f:
             f.write(json.dumps(config.to_dict(), indent=2) + "\n")

@@ -4,8 +4,10 @@
     format          {"name": "ldmkit-onnx", "version": 1}
     ldmkit_version  the ldmkit that exported it
     opset           the ONNX opset of the three graphs
-    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes, classes, the
-                    samplers of sampler.onnx's ``method`` input in order, the precision of its loop, ``Defaults``
+    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes (``image_shape``
+                    [C, H, W]: the images vae_decoder.onnx and sampler.onnx return, at the data's own size, e.g.
+                    [1, 28, 28] for digits the model saw padded to 32×32), classes, the samplers of sampler.onnx's
+                    ``method`` input in order, the precision of its loop, ``Defaults``
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
@@ -145,4 +147,10 @@ def read_manifest(folder) -> Manifest:
         entry = manifest.files.get(role)
         if entry is None or entry.path != name:
             raise ValueError(f"{path}: files.{role} must be an entry for {name!r}, got {to_plain(entry)!r:.80}")
+    for role in ("vae_decoder", "sampler"):
+        outputs = manifest.files[role].outputs
+        if len(outputs) != 1 or list(outputs[0].get("shape", []))[1:] != list(manifest.model.image_shape):
+            want = ["batch", *manifest.model.image_shape]
+            raise ValueError(f"{path}: files.{role}.outputs must be one output of shape {want} (model.image_shape), "
+                             f"got {to_plain(outputs)!r:.120}")
     return manifest

@@ -28,6 +28,7 @@ import torch
 
 from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, from_dict, one_line
 from ldmkit.engine.checkpoint import load_checkpoint
+from ldmkit.engine.data import center_crop
 from ldmkit.engine.sample import generate, models_from_checkpoint
 from ldmkit.reference.schedules import Schedule, timesteps
 
@@ -47,14 +48,15 @@ class ExportError(ValueError):
 
 
 class _Decoder(torch.nn.Module):
-    """z_0 (the sampler's latent) → images in [0, 1]: clamp((decode(z_0 · latent_scale) + 1)/2), as the engine."""
+    """z_0 (the sampler's latent) → images in [0, 1] at the data's own size, as the engine:
+    clamp((center_crop(decode(z_0 · latent_scale), output_size) + 1)/2), the crop a Slice in the graph."""
 
-    def __init__(self, vae, latent_scale: float):
+    def __init__(self, vae, latent_scale: float, output_size: tuple[int, int]):
         super().__init__()
-        self.vae, self.latent_scale = vae, float(latent_scale)
+        self.vae, self.latent_scale, self.output_size = vae, float(latent_scale), output_size
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.vae.decode(z * self.latent_scale).clamp(-1, 1) + 1) / 2
+        return (center_crop(self.vae.decode(z * self.latent_scale), self.output_size).clamp(-1, 1) + 1) / 2
 
 
 @contextlib.contextmanager
@@ -164,7 +166,8 @@ CONVENTIONS = {
     "guidance": "pred = pred(x, null) + w * (pred(x, y) - pred(x, null)), one batched call on [x, x], [y, null]; "
                 "w = 1 is plain conditional sampling",
     "vae_decoder": "input: z_0 as the sampler ends (latent_scale is applied inside the graph); output: images in "
-                   "[0, 1]",
+                   "[0, 1] of model.image_shape, the data's own size (the centre of the decoded image when the model "
+                   "was trained on images padded to a larger size)",
     "sampler": "DDIM (eta = 0) or DPM-Solver++(2M) with guidance and the decoder in one Loop; noise = x_T ~ N(0, I) "
                "float32, y class ids, guidance w (scalar), steps (scalar, clamped to 1..T), method (scalar: the index "
                "in model.graph_samplers, 0 ddim, 1 dpmpp2m); output images in [0, 1]",
@@ -195,7 +198,7 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps!r}")
     schedule = Schedule.named(config.diffusion.schedule, T)
     guidance = DEFAULT_GUIDANCE if k else None
-    decoder = _Decoder(vae, config.latent_scale).eval()
+    decoder = _Decoder(vae, config.latent_scale, config.output_size).eval()
     with torch.inference_mode():
         image_shape = list(decoder(torch.zeros(1, *config.latent_shape)).shape[1:])
     model = {

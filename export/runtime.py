@@ -4,7 +4,8 @@ The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
   unet.onnx         (x_t[B,C,H,W] float32, t[B] int64 math timesteps, y[B] int64 labels, 0..K with K the null
                     class) -> prediction[B,C,H,W] float32; an unconditional model (K = 0) has no ``y`` input.
   vae_decoder.onnx  z[B,C,H,W] float32 -> image[B,c,H',W'] float32 in [0, 1]. z is the sampler's z_0 itself:
-                    the graph multiplies by ``latent_scale``, decodes and maps (x+1)/2 clamped to [0, 1].
+                    the graph multiplies by ``latent_scale``, decodes, cuts the centred window of the data's own
+                    size and maps (x+1)/2 clamped to [0, 1]; [c, H', W'] is model.image_shape.
   sampler.onnx      DDIM (eta = 0) or DPM-Solver++(2M) with classifier-free guidance and the decoder in one
                     ONNX ``Loop`` (``build_sampler`` in sampler_graph.py): (noise[B,C,H,W] float32, y[B] int64,
                     guidance[] float32, steps[] int64, method[] int64: the index in model.graph_samplers) ->

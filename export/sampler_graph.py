@@ -4,7 +4,7 @@ ONNX graph.
 Inputs:  noise[B,C,H,W] float32 (x_T), y[B] int64 class ids 0..K−1, guidance[] float32 (w; 1 is plain
          conditional sampling), steps[] int64 (clamped to 1..T), method[] int64 (the index in ``GRAPH_SAMPLERS``:
          0 DDIM, 1 DPM-Solver++(2M); any other value runs DDIM). An unconditional model has no y/guidance.
-Output:  images[B,c,H',W'] float32 in [0, 1].
+Output:  images[B,c,H',W'] float32 in [0, 1], the shape vae_decoder.onnx gives (the data's own size).
 
 The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (in float64 as
 NumPy does, and ONNX Round and NumPy both round half to even, so it equals

@@ -77,8 +77,10 @@ def torch_one_thread():
 def tiny_checkpoints(tmp_path_factory):
     """Two tiny checkpoints (checkpoint.pt, each in its own folder) made with the engine's checkpoint writer
     from freshly initialised networks whose zero-initialised layers are redrawn, so every output is O(1):
-    "cond": class-conditional (10 classes), ε-prediction, linear schedule, T = 50;
-    "uncond": unconditional, v-prediction, cosine schedule, T = 40, attention at both levels."""
+    "cond": class-conditional (10 classes), ε-prediction, linear schedule, T = 50, its data 27×22 images padded
+    to 32×32 (``data.content_size``), so its samples are 27×22;
+    "uncond": unconditional, v-prediction, cosine schedule, T = 40, attention at both levels, and no
+    ``data.content_size`` (a checkpoint from before ldmkit recorded it), so its samples are 32×32."""
     for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
     import torch
@@ -89,7 +91,8 @@ def tiny_checkpoints(tmp_path_factory):
 
     vae = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4)
     configs = {
-        "cond": Config(vae=vae, diffusion=DiffusionConfig(T=50), latent_shape=(2, 8, 8), latent_scale=1.3,
+        "cond": Config(data={"spec": "mnist", "content_size": [27, 22]}, vae=vae, diffusion=DiffusionConfig(T=50),
+                       latent_shape=(2, 8, 8), latent_scale=1.3,
                        unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
                                        num_heads=2, num_classes=10, groups=4)),
         "uncond": Config(vae=vae, diffusion=DiffusionConfig(schedule="cosine", T=40, prediction="v"),

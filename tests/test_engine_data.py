@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ldmkit.engine.data import SPLIT_SEED, TEST_FRACTION, load_dataset  # noqa: E402
+from ldmkit.engine.data import SPLIT_SEED, TEST_FRACTION, center_crop, load_dataset  # noqa: E402
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -66,11 +66,16 @@ def test_builtin_mnist_split():
     np.testing.assert_array_equal(ytr.numpy(), raw["labels"][_split_indices(8000, "train")])
     again, _, _ = load_dataset("mnist", "test", 32)
     assert torch.equal(again, xte)
+    # the data's own size, and its centred window: exactly the 28×28 digits of the file
+    assert dtr["content_size"] == dte["content_size"] == [28, 28]
+    digits = raw["images"][_split_indices(8000, "test")]
+    np.testing.assert_allclose(center_crop(xte, (28, 28)).numpy(), digits[:, None] / 127.5 - 1.0, atol=1e-6)
+    np.testing.assert_array_equal(center_crop(xte.numpy(), (28, 28)), xte.numpy()[..., 2:30, 2:30])
 
 
 def test_builtin_mnist_at_its_own_size():
     x, _, d = load_dataset("mnist", "test", 28)
-    assert x.shape == (1000, 1, 28, 28) and d["image_size"] == 28
+    assert x.shape == (1000, 1, 28, 28) and d["image_size"] == d["content_size"][0] == d["content_size"][1] == 28
 
 
 # ------------------------------------------------------------------------------------------ IDX
@@ -174,8 +179,8 @@ def test_larger_images_are_scaled_down_to_fit(tmp_path):
     big = np.zeros((8, 64, 48), dtype=np.uint8)
     big[:, 16:48, 12:36] = 255  # a white box in the middle
     np.save(tmp_path / "big.npy", big)
-    x, _, _ = load_dataset(str(tmp_path / "big.npy"), "train", 32)
-    assert x.shape == (7, 1, 32, 32)
+    x, _, d = load_dataset(str(tmp_path / "big.npy"), "train", 32)
+    assert x.shape == (7, 1, 32, 32) and d["content_size"] == [32, 24]  # 64×48 scaled by 1/2, then padded
     assert x.min() >= -1 and x.max() <= 1
     assert x[0, 0, 16, 16] == pytest.approx(1.0) and x[0, 0, 0, 0] == -1  # centre white, corner background
 
@@ -271,6 +276,25 @@ def test_folder_unlabelled_mixed_sizes_and_modes(tmp_path):
         Image.new("L", (4, 4), 0).save(tmp_path / f"c{i}.png")
     x, y, d = load_dataset(str(tmp_path), "train", 6)
     assert y is None and x.shape == (7, 3, 6, 6) and d["channels"] == 3
+    assert d["content_size"] == [6, 6]  # 6×6, 8×12 scaled to 4×6, 4×4: the largest height and width
+
+
+def test_folder_content_size_holds_every_image(tmp_path):
+    """Images of several sizes that fit (h×w 10×4, 6×11, 3×3, white on a black frame): content_size is the
+    largest height and the largest width, the same for both splits, and every image's pixels lie in its
+    centred window (rows 1..10, columns 0..10 of 12×12); the padding outside is the black background."""
+    Image = pytest.importorskip("PIL.Image")
+    for i, (h, w) in enumerate([(10, 4), (6, 11), (3, 3)] * 3):
+        a = np.zeros((h, w), dtype=np.uint8)
+        a[1:-1, 1:-1] = 255
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    x, _, d = load_dataset(str(tmp_path), "train", 12)
+    _, _, d_test = load_dataset(str(tmp_path), "test", 12)
+    assert d["content_size"] == d_test["content_size"] == [10, 11]
+    assert int((center_crop(x, (10, 11)) == 1).sum()) == int((x == 1).sum()) > 0
+    outside = x.clone()
+    outside[..., 1:11, 0:11] = -1
+    assert (outside == -1).all()
 
 
 def test_folder_bad_cases(tmp_path):

@@ -45,7 +45,9 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
     np.testing.assert_array_equal(model["alpha_bars"], Schedule.named("linear", 50).alpha_bars)
     assert model["defaults"]["timesteps"] == timesteps(8, 50, "trailing").tolist() and model["defaults"]["steps"] == 8
     assert (model["num_classes"], model["null_class"], model["prediction"]) == (10, 10, "eps")
-    assert model["latent_shape"] == [2, 8, 8] and model["image_shape"] == [1, 32, 32]
+    assert model["latent_shape"] == [2, 8, 8] and model["image_shape"] == [1, 27, 22]  # data.content_size
+    for role in ("vae_decoder", "sampler"):
+        assert manifest["files"][role]["outputs"][0]["shape"] == ["batch", 1, 27, 22]
     assert [i["name"] for i in manifest["files"]["sampler"]["inputs"]] == ["noise", "y", "guidance", "steps",
                                                                            "method"]
     assert [i["name"] for i in manifest["files"]["unet"]["inputs"]] == ["x_t", "t", "y"]
@@ -61,6 +63,7 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
         assert manifest["parity"]["max_abs_error"][role] <= TOL
     uncond = json.loads((onnx_artifacts["uncond"] / "sampler.json").read_text())
     assert uncond["opset"] == 20 and uncond["model"]["null_class"] is None
+    assert uncond["model"]["image_shape"] == [1, 32, 32]  # no data.content_size: no crop
     assert [i["name"] for i in uncond["files"]["unet"]["inputs"]] == ["x_t", "t"]
     assert [i["name"] for i in uncond["files"]["sampler"]["inputs"]] == ["noise", "steps", "method"]
 
@@ -79,9 +82,12 @@ def test_exported_attention_transposes_fold_into_matmuls(onnx_artifacts):
     assert all(consumers[node.output[0]] == ["MatMul"] for node in transposes)
 
 
-@pytest.mark.parametrize("name", ["cond", "uncond"])
-def test_unet_and_decoder_match_torch_at_two_batch_sizes(onnx_artifacts, torch_models, name):
-    """Independent of the export's own check: other random inputs, batch sizes 1, 2 and 7."""
+@pytest.mark.parametrize("name, rows, cols", [("cond", slice(2, 29), slice(5, 27)),
+                                              ("uncond", slice(0, 32), slice(0, 32))])
+def test_unet_and_decoder_match_torch_at_two_batch_sizes(onnx_artifacts, torch_models, name, rows, cols):
+    """Independent of the export's own check: other random inputs, batch sizes 1, 2 and 7. The decoder graph
+    returns the centre of the torch VAE's 32×32 output at the data's size, sliced here by hand: 27×22 is rows
+    2..28 ((32 − 27)//2 = 2, as engine.data._fit pads) and columns 5..26; without content_size, all of it."""
     config, vae, unet = torch_models[name]
     art = onnx_artifacts[name]
     sessions = {r: ort.InferenceSession(str(art / f"{r}.onnx"), providers=["CPUExecutionProvider"])
@@ -95,12 +101,13 @@ def test_unet_and_decoder_match_torch_at_two_batch_sizes(onnx_artifacts, torch_m
         feeds = {"x_t": x.numpy(), "t": t.numpy(), **({"y": y.numpy()} if k else {})}
         with torch.inference_mode():
             want_u = unet(x, t, y).numpy()
-            want_d = ((vae.decode(x * config.latent_scale).clamp(-1, 1) + 1) / 2).numpy()
+            want_d = ((vae.decode(x * config.latent_scale).clamp(-1, 1) + 1) / 2).numpy()[..., rows, cols]
         got_u = sessions["unet"].run(None, feeds)[0]
         got_d = sessions["vae_decoder"].run(None, {"z": x.numpy()})[0]
         assert np.abs(want_u).max() > 0.1  # a model with real outputs, not the zero-initialised last layer
         assert np.abs(got_u - want_u).max() <= TOL * max(1, np.abs(want_u).max()), b
-        assert got_d.shape == (b, 1, 32, 32) and np.abs(got_d - want_d).max() <= TOL, b
+        assert got_d.shape == (b, 1, rows.stop - rows.start, cols.stop - cols.start), b
+        assert np.abs(got_d - want_d).max() <= TOL, b
 
 
 @pytest.mark.parametrize("name, labels, guidance", [("cond", [3, 0, 9, 5, 5], 3.0), ("cond", [1, 2, 3, 4, 5], None),
@@ -117,7 +124,8 @@ def test_same_noise_same_images_torch_runtime_and_sampler_graph(onnx_artifacts, 
     engine = generate(config, vae, unet, n, y, "ddim", steps, 0.0, guidance, noise=(x_T, loop))
     python = runner.sample(n, y, "ddim", steps, 0.0, guidance, noise=(x_T.numpy(), None))
     graph = runner.sample_graph(n, y, steps, guidance, noise=(x_T.numpy(), None), sampler="ddim")
-    assert engine.shape == python.shape == graph.shape == (n, 1, 32, 32)
+    assert engine.shape == python.shape == graph.shape == (n, 1, *config.output_size)
+    assert config.output_size == ((27, 22) if name == "cond" else (32, 32))
     assert 0.05 < engine.std() and 0 <= graph.min() and graph.max() <= 1
     assert np.abs(python - engine).max() <= TOL
     assert np.abs(graph - python).max() <= TOL

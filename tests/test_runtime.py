@@ -56,7 +56,7 @@ def test_runtime_samples_with_torch_unimportable(onnx_artifacts):
         print(images.shape, images.dtype, s.provider, float(np.abs(images - graph).max()) < 1e-4, heavy)
     """, onnx_artifacts["cond"])
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "(4, 1, 32, 32) float32 cpu True []"
+    assert proc.stdout.strip() == "(4, 1, 27, 22) float32 cpu True []"  # the data's size (conftest)
 
 
 def test_cli_sample_from_folder_with_torch_unimportable(onnx_artifacts, tmp_path):
@@ -171,6 +171,8 @@ TAMPERING = {
                     "model is missing key(s) ['prediction']"),
     "wrong type": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T="50")),
                    "model.T must be an int >= 1"),
+    "image shape edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(
+        image_shape=[1, 32, 32])), "files.vae_decoder.outputs must be one output of shape ['batch', 1, 32, 32]"),
     "format version": (lambda art, o: _edit(art / "sampler.json", lambda m: m["format"].update(version=3)),
                        "format version 3 is not supported"),
     "not json": (lambda art, o: (art / "sampler.json").write_text("{"), "sampler.json is not valid JSON"),

@@ -121,7 +121,7 @@ def test_cli_train_and_sample(digits, tmp_path):
     result = runner.invoke(main, ["sample", ckpt, "-n", "10", "--steps", "3", "-o", str(tmp_path / "g.npy")])
     assert result.exit_code == 0, result.output
     images = np.load(tmp_path / "g.npy")
-    assert images.shape == (10, 1, 32, 32) and images.dtype == np.float32
+    assert images.shape == (10, 1, 28, 28) and images.dtype == np.float32  # the digits' own size, not 32×32
     assert images.min() >= 0 and images.max() <= 1
     for sampler in ("ddpm", "heun", "dpmpp2m"):
         result = runner.invoke(main, ["sample", ckpt, "-n", "3", "--steps", "3", "--sampler", sampler, "--class", "4",
@@ -268,3 +268,90 @@ def test_cli_sample_unconditional_refuses_class_and_guidance(digits, tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
     result = CliRunner().invoke(main, ["sample", str(ckpt), "-n", "4", "--steps", "3", "-o", str(tmp_path / "g.png")])
     assert result.exit_code == 0, result.output
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_trained_on_28x28_digits_samples_are_28x28_everywhere(digits, tmp_path):
+    """The digits are 28×28, padded to 32×32 for the VAE: the checkpoint records content_size [28, 28] (and keeps
+    it through a resume), and the engine, ``ldmkit sample`` (.npy and grid), the exported vae_decoder.onnx, the
+    runtime's sample and sample_graph and ``ldmkit sample DIR --graph`` all give 28×28 images: the centre of what
+    the same checkpoint without content_size (as written before ldmkit recorded it) gives, which still loads and
+    gives 32×32. The 2-pixel border is sliced here by hand ([2:30]), independently of ``center_crop``."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
+    from ldmkit.export.onnx_export import export_onnx
+    from ldmkit.export.runtime import OnnxSampler
+
+    out = tmp_path / "run"
+    T.train(tiny_config(digits, vae_steps=2, unet_steps=3), out, device="cpu", stop_after=4)
+    path = T.train(tiny_config(digits, vae_steps=2, unet_steps=3), out, device="cpu", resume=True)
+    ckpt = load_checkpoint(path)
+    assert ckpt["config"]["data"]["content_size"] == [28, 28] and ckpt["config"]["vae"]["image_size"] == 32
+    assert json.loads((out / "config.json").read_text())["data"]["content_size"] == [28, 28]
+    old = {**ckpt, "config": {**ckpt["config"], "data": {k: v for k, v in ckpt["config"]["data"].items()
+                                                          if k != "content_size"}}}
+    torch.save(old, tmp_path / "old.pt")
+
+    config, vae, unet = models_from_checkpoint(ckpt)
+    old_config, _, _ = models_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+    assert config.output_size == (28, 28) and old_config.output_size == (32, 32)
+    noise = sample_noise(config, 4, 3, seed=5)
+    new_images = generate(config, vae, unet, 4, [0, 1, 2, 3], "ddim", 3, noise=noise)
+    old_images = generate(old_config, vae, unet, 4, [0, 1, 2, 3], "ddim", 3, noise=noise)
+    assert new_images.shape == (4, 1, 28, 28) and old_images.shape == (4, 1, 32, 32)
+    np.testing.assert_array_equal(new_images, old_images[..., 2:30, 2:30])
+
+    runner = CliRunner()
+    for source, side in ((path, 28), (tmp_path / "old.pt", 32)):
+        result = runner.invoke(main, ["sample", str(source), "-n", "10", "--steps", "2", "-o", str(tmp_path / "a.npy")])
+        assert result.exit_code == 0, result.output
+        assert np.load(tmp_path / "a.npy").shape == (10, 1, side, side)
+    result = runner.invoke(main, ["sample", str(path), "-n", "20", "--steps", "2", "-o", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "grid.png") == (10 * 30 + 2, 2 * 30 + 2)  # 10 per row, 28 + 2 pixels of padding
+
+    art = export_onnx(path, tmp_path / "onnx", steps=3, log=lambda line: None)
+    manifest = json.loads((art / "sampler.json").read_text())
+    assert manifest["model"]["image_shape"] == [1, 28, 28] and manifest["format"]["version"] == 2
+    sampler = OnnxSampler(art, provider="cpu")
+    z = noise[0].numpy()
+    with torch.inference_mode():
+        full = ((vae.decode(noise[0] * config.latent_scale).clamp(-1, 1) + 1) / 2).numpy()
+    decoded = sampler.decode(z)
+    assert decoded.shape == (4, 1, 28, 28) and np.abs(decoded - full[..., 2:30, 2:30]).max() <= 1e-4
+    python = sampler.sample(4, [0, 1, 2, 3], "ddim", 3, noise=(z, None))
+    graph = sampler.sample_graph(4, [0, 1, 2, 3], 3, noise=(z, None))
+    assert python.shape == graph.shape == (4, 1, 28, 28)
+    assert np.abs(python - new_images).max() <= 1e-4 and np.abs(graph - new_images).max() <= 1e-4
+    result = runner.invoke(main, ["sample", str(art), "--graph", "-n", "3", "--steps", "2", "-o",
+                                  str(tmp_path / "b.npy")])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "b.npy").shape == (3, 1, 28, 28)
+
+
+def test_content_size_is_checked(digits, tiny_checkpoint, tmp_path):
+    """config.data.content_size: [height, width], ints in 1..image_size; one-line errors naming the key, and
+    a checkpoint that holds a bad one is refused by ``ldmkit sample`` (exit status 2, no output)."""
+    good = tiny_config(digits).to_dict()
+    for size in ([28, 33], [0, 28], [28], [28.0, 28], [True, 28], "28x28"):
+        d = {**good, "data": {**good["data"], "content_size": size}}
+        with pytest.raises(ValueError, match=r"^Config.data.content_size must be \[height, width\], ints in 1..32 "
+                                              r"\(vae.image_size\), got") as info:
+            Config.from_dict(d)
+        assert "\n" not in str(info.value)
+    d = {**good, "data": {**good["data"], "content_size": [32, 7]}}
+    assert Config.from_dict(d).output_size == (32, 7) and Config.from_dict(good).output_size == (32, 32)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**ckpt, "config": {**ckpt["config"], "data": {**ckpt["config"]["data"], "content_size": [40, 28]}}},
+               tmp_path / "bad.pt")
+    result = CliRunner().invoke(main, ["sample", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "bad checkpoint config: Config.data.content_size must be [height, width], ints in 1..32" in result.output
+    assert not (tmp_path / "g.png").exists()

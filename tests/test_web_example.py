@@ -80,7 +80,7 @@ def test_page_matches_python(served, precision, model, sampler, steps, guidance)
     assert result["state"] == "done" and result["shown"] == "", result
     assert result["isolated"] is True and " images/s on wasm, " in result["status"]  # COOP/COEP took effect
     labels = np.arange(12) % 6
-    assert result["labels"] == labels.tolist() and result["dims"] == [12, 1, 32, 32]
+    assert result["labels"] == labels.tolist() and result["dims"] == [12, *runner.model.image_shape]
     web = np.fromfile(out, "<f4").reshape(result["dims"])
     python = runner.sample(12, labels, sampler, steps=steps, guidance=guidance, noise=(noise, None))
     graph = runner.sample_graph(12, labels, steps=steps, guidance=guidance, noise=(noise, None), sampler=sampler)

@@ -5,7 +5,8 @@
 //   node sample.js ARTIFACT_DIR NOISE.npy OUT.png [--class K] [--guidance W] [--steps N] [--sampler ddim|dpmpp2m]
 //
 // NOISE.npy: x_T as float32 (N, C, H, W), e.g. np.save("noise.npy", rng.standard_normal((8, 4, 8, 8), np.float32)).
-// Writes OUT.png (a grid) and OUT.png.f32 (the images, raw little-endian float32 (N, c, H', W') in [0, 1]).
+// Writes OUT.png (a grid) and OUT.png.f32 (the images, raw little-endian float32 (N, c, H', W') in [0, 1], where
+// [c, H', W'] is sampler.json's model.image_shape: the data's own size, e.g. 1×28×28 for the digits).
 "use strict";
 const crypto = require("crypto");
 const fs = require("fs");

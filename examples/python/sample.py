@@ -23,5 +23,5 @@ x_T, _ = sampler.noise(len(labels), 25, seed=0, loop=False)
 one_graph = sampler.sample_graph(len(labels), labels=labels, steps=25, guidance=3.0, noise=(x_T, None))
 print(f"max |runtime - sampler.onnx| = {np.abs(images - one_graph).max():.1e}")
 
-write_images(out, images, nrow=10)  # a PNG grid (or .npy: the float32 images (N, 1, 32, 32) in [0, 1])
+write_images(out, images, nrow=10)  # a PNG grid (or .npy: float32 (N, *sampler.model.image_shape) in [0, 1])
 print(f"wrote {out}")
