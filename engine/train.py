@@ -234,14 +234,17 @@ def lock_folder(out: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def remove_stale_temp_files(out: Path) -> list[str]:
-    """Remove the temporary files (``common.atomic_write``'s ".NAME.XXXXXXXX.tmp") that an interrupted
-    write of the checkpoint or config.json left in ``out``; call with the folder locked. Their names."""
-    pattern = re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json)\.[0-9a-f]{{8}}\.tmp")
-    stale = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Remove the temporary files (``common.atomic_write``'s ".NAME.XXXXXXXX.tmp") that an interrupted write
+    of the trainer's own files left: the checkpoint and config.json in ``out``, the grids in ``out``/samples.
+    Call with the folder locked. Their paths."""
+    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json)\.[0-9a-f]{{8}}\.tmp"),
+                out / "samples": re.compile(r"\.step\d+\.png\.[0-9a-f]{8}\.tmp")}
+    stale = sorted(p for folder, pattern in patterns.items() if folder.is_dir() for p in folder.iterdir()
+                   if pattern.fullmatch(p.name) and p.is_file())
     for p in stale:
         p.unlink()
-    return [p.name for p in stale]
+    return stale
 
 
 def prepare_output(out: Path, resume: bool) -> Path:
@@ -567,8 +570,8 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         if run.main:
             held.enter_context(lock_folder(out))
             prepare_output(out, resume)
-            for name in remove_stale_temp_files(out):
-                note(f"removed {out / name}, left by an interrupted write")
+            for path in remove_stale_temp_files(out):
+                note(f"removed {path}, left by an interrupted write")
         if run.world > 1:
             dist.barrier()
         state = load_checkpoint(ckpt_path) if resume else None

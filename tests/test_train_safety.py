@@ -201,15 +201,16 @@ def test_a_second_trainer_is_refused_and_kill_9_frees_the_folder(digits, cfg, tm
     finally:
         first.kill()
         first.communicate()
-    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp"]
-    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.jsonl.0123abcd.tmp"]
+    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp", "samples/.step0000012.png.01020304.tmp"]
+    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.jsonl.0123abcd.tmp", "samples/.x.png.01020304.tmp"]
+    (out / "samples").mkdir()
     for name in stale + others:
         (out / name).write_bytes(b"partial")
     step = load_checkpoint(out / "checkpoint.pt")["step"]
     notes = []
     T.train(tiny_config(digits, unet_steps=2000), out, device="cpu", resume=True, stop_after=step + 1,
             log=notes.append)
-    assert temp_files(out) == sorted(others)
+    assert temp_files(out) == sorted(Path(name).name for name in others)
     assert notes == [f"removed {out / name}, left by an interrupted write" for name in sorted(stale)]
 
 
