@@ -7,6 +7,7 @@ Keys: ``format`` {"name": "ldmkit", "version": 1}, ``config`` (``Config.to_dict(
 
 from __future__ import annotations
 
+import io
 import zipfile
 from pathlib import Path
 
@@ -32,10 +33,14 @@ def make_checkpoint(config: Config, vae: dict, unet: dict, ema: dict, optimizer:
 
 def save_checkpoint(path, ckpt: dict) -> None:
     """Validate ``ckpt`` and write it to ``path`` all or nothing (``common.atomic_write``): on any failure an
-    existing ``path`` is left as it was and no temporary file remains."""
+    existing ``path`` is left as it was and no temporary file remains. The archive is built in memory and
+    then written, so a full disk or a refused write is an OSError with its cause (``torch.save`` writing to
+    the file itself reports any failed write as "RuntimeError: ... unexpected pos")."""
     validate_checkpoint(ckpt, str(path))
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     with atomic_write(path) as f:
-        torch.save(ckpt, f)
+        f.write(buffer.getbuffer())
 
 
 def load_checkpoint(path) -> dict:

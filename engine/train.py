@@ -9,6 +9,13 @@ run, or a run on N processes with the same global batch, sees exactly the data a
 uninterrupted single-process run, and ends with the same parameters (to float tolerance under DDP).
 The checkpoint's ``step`` counts both stages (VAE steps first), which is all a resume needs.
 
+Stopping and safety. SIGTERM or SIGINT (what a scheduler, a spot instance or Ctrl-C sends) does not end the
+run at once: the step in progress finishes, the checkpoint is written, and :class:`Preempted` is raised (the
+command line exits with status 75). Under torchrun the stop flag travels in the all-reduce that already
+averages each step's loss, so every rank stops after the same step at no extra cost. A trainer holds an
+OS lock on the run folder (a second one is refused; the lock dies with its process), removes temporary
+files an interrupted write left there, and never writes a checkpoint with a non-finite parameter.
+
 Structure: :func:`train` sets up the process, data and config; :class:`Trainer` holds the run's state,
 restores a checkpoint and runs the one step loop (forward, optimize, log, checkpoint); :func:`train_vae`
 and :func:`train_unet` describe each stage's step to it as a :class:`Stage`.
@@ -16,11 +23,15 @@ and :func:`train_unet` describe each stage's step to it as a :class:`Stage`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, one_line
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
 from ldmkit.reference.schedules import Schedule
@@ -45,11 +56,27 @@ from .device import resolve_device
 from .models import VAE, UNet
 from .sample import generate
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the run folder is not locked there
+    fcntl = None
+
 CHECKPOINT = "checkpoint.pt"
+LOCK = ".train.lock"  # in the run folder: holds the pid of the trainer that has it locked
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good checkpoint was left as it was."""
+    """The loss or a parameter became NaN or Inf; the last good checkpoint was left as it was."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT stopped training after a whole step, and the checkpoint holds that step. ``main``:
+    raised on rank 0 (the process that reports it)."""
+
+    def __init__(self, message: str, main: bool = True):
+        super().__init__(message)
+        self.main = main
 
 
 @dataclass
@@ -150,13 +177,74 @@ def unet_lr(s: int, tc) -> float:
     return tc.lr * 0.5 * (1 + math.cos(math.pi * (s - tc.warmup_steps) / span))
 
 
-def _all_mean(value: torch.Tensor, run: Run) -> float:
-    """The mean of a per-rank scalar over all ranks (every rank gets it: a NaN anywhere stops all)."""
-    value = value.detach().float().reshape(1)
+def _agree(loss: torch.Tensor, stop: bool, run: Run) -> tuple[float, bool]:
+    """The loss averaged over all ranks and whether any rank was asked to stop, in one all-reduce (every
+    rank gets both, so a NaN or a signal anywhere stops all after the same step)."""
+    value = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
     if run.world > 1:
         dist.all_reduce(value)
-        value /= run.world
-    return float(value)
+        value[0] /= run.world
+    return float(value[0]), bool(value[1] > 0)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[str]]:
+    """While the block runs, SIGTERM and SIGINT append their name to the yielded list instead of ending the
+    process (the training loop reads it after each step); the previous handlers come back afterwards.
+    Outside the main thread, where Python cannot install handlers, the list stays empty."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum).name))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def lock_folder(out: Path) -> Iterator[None]:
+    """Create ``out`` and hold an exclusive ``fcntl.flock`` on ``out``/.train.lock for the block, with this
+    process's pid in the file. The kernel drops the lock when the process ends, however it ends (kill -9
+    included), so it never stays stuck. OSError naming the holder's pid if another trainer has it."""
+    if fcntl is None:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise OSError(f"output folder {out} is not writable: cannot create {path} ({exc.strerror})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise OSError(f"run folder {out} is in use by another trainer (pid {holder} holds {path}): wait for "
+                          f"it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temp_files(out: Path) -> list[Path]:
+    """Remove the temporary files (``common.atomic_write``'s ".NAME.XXXXXXXX.tmp") that an interrupted write
+    of the trainer's own files left: the checkpoint and config.json in ``out``, the grids in ``out``/samples.
+    Call with the folder locked. Their paths."""
+    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json)\.[0-9a-f]{{8}}\.tmp"),
+                out / "samples": re.compile(r"\.step\d+\.png\.[0-9a-f]{8}\.tmp")}
+    stale = sorted(p for folder, pattern in patterns.items() if folder.is_dir() for p in folder.iterdir()
+                   if pattern.fullmatch(p.name) and p.is_file())
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def prepare_output(out: Path, resume: bool) -> Path:
@@ -170,6 +258,16 @@ def prepare_output(out: Path, resume: bool) -> Path:
     if resume and not ckpt.exists():
         raise FileNotFoundError(f"--resume was given but {ckpt} does not exist")
     return ckpt
+
+
+@contextlib.contextmanager
+def _writing(path: Path, kept: str = "") -> Iterator[None]:
+    """Turn an OSError of writing ``path`` in the block (a full disk, no permission) into one line naming
+    the file, the cause and ``kept`` (what was left as it was)."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(f"could not write {path}: {exc.strerror or one_line(exc)}{kept}") from exc
 
 
 #: ``progress(label, done, total, record)``: see :func:`train`.
@@ -198,30 +296,37 @@ class Stage:
 class Trainer:
     """A run's state (process, config, networks, EMA, both optimizers, the global step) and the step loop
     both stages share. Resuming happens here, once: the networks, the EMA, the step, and the optimizer of
-    the stage the checkpoint was written in."""
+    the stage the checkpoint was written in (checked against its network first). ``signals`` is the list
+    of :func:`stop_signals`: once it holds a name, the loop stops after the step in progress."""
 
     def __init__(self, config: Config, out: Path, run: Run, state: dict | None, progress: Progress | None,
-                 stop_after: int | None):
+                 stop_after: int | None, signals: list[str] | None = None):
         self.config, self.tc, self.run, self.out = config, config.train, run, out
         self.ckpt_path = out / CHECKPOINT
         self.progress = progress if run.main else None
         self.stop_after = stop_after
+        self.signals = signals if signals is not None else []
         tc = self.tc
+        self.total = tc.vae_steps + tc.unet_steps
         torch.manual_seed(tc.seed)
         vae, unet = VAE.from_config(config.vae), UNet.from_config(config.unet)
         ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay))
-        self.step = 0
+        self.step = self.saved_step = 0
         if state is not None:
             vae.load_state_dict(state["vae"])
             unet.load_state_dict(state["unet"])
             ema.module.load_state_dict(state["ema"])
-            self.step = state["step"]
+            self.step = self.saved_step = state["step"]
         self.vae, self.unet, self.ema = vae.to(run.device), unet.to(run.device), ema.to(run.device)
         self.ema.n_averaged.fill_(max(self.step - tc.vae_steps, 0))
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=tc.vae_lr, weight_decay=tc.weight_decay)
         self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         if state is not None:  # a checkpoint written at step s ≤ vae_steps holds the VAE's optimizer
-            (self.vae_opt if self.step <= tc.vae_steps else self.unet_opt).load_state_dict(state["optimizer"])
+            vae_stage = self.step <= tc.vae_steps
+            opt = self.vae_opt if vae_stage else self.unet_opt
+            check_optimizer_state(state["optimizer"], opt, self.step if vae_stage else self.step - tc.vae_steps,
+                                  scheduled_lr=not vae_stage, where=f"{self.ckpt_path}: checkpoint optimizer")
+            opt.load_state_dict(state["optimizer"])
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if tc.precision == "bf16" and run.device.type == "cuda" else nullcontext())
         self.t_start = time.perf_counter()
@@ -229,7 +334,9 @@ class Trainer:
     def loop(self, stage: Stage) -> bool:
         """Run ``stage`` from the current step to its end: per step forward, :meth:`optimize`, a record
         (progress, metrics.jsonl every ``log_every``), a checkpoint every ``checkpoint_every`` steps and at
-        the stage's end. False when ``stop_after`` stopped it first."""
+        the stage's end. False when ``stop_after`` stopped it first. When a rank was signalled to stop, the
+        step finishes, the checkpoint is written and :class:`Preempted` is raised (unless that step was the
+        run's last: then the run is complete)."""
         tc, end = self.tc, stage.first + stage.steps
         if self.progress is not None:
             self.progress(stage.label, self.step - stage.first, stage.steps, None)
@@ -238,7 +345,7 @@ class Trainer:
                 return False
             t0 = time.perf_counter()
             loss, extra = stage.forward(self.step - stage.first)
-            value = self.optimize(loss, stage)
+            value, stop = self.optimize(loss, stage)
             if stage.after_update is not None:
                 stage.after_update()
             self.step += 1
@@ -249,41 +356,125 @@ class Trainer:
                 self.log(stage, record)
                 if stage.after_step is not None:
                     stage.after_step(self.step - stage.first)
-            if self.step == end or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
+            if stop or self.step == end or (tc.checkpoint_every and self.step % tc.checkpoint_every == 0):
                 self.save(stage.opt, {f"{stage.name}_loss": value})
+            if stop and self.step < self.total:
+                by = self.signals[0] if self.signals else "a signal to another process"
+                raise Preempted(f"stopped by {by} after step {self.step} of {self.total}: {self.ckpt_path} holds "
+                                f"it; continue with --resume", main=self.run.main)
         return True
 
-    def optimize(self, loss: torch.Tensor, stage: Stage) -> float:
+    def optimize(self, loss: torch.Tensor, stage: Stage) -> tuple[float, bool]:
         """Backward, clip, and step, unless the loss (averaged over ranks) is not finite: then raise
-        :class:`TrainingDiverged` with the parameters and the last checkpoint untouched. Returns that loss."""
+        :class:`TrainingDiverged` with the parameters and the last checkpoint untouched. Returns that loss
+        and whether any rank was signalled to stop (:func:`_agree`)."""
         stage.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(stage.net.parameters(), self.tc.grad_clip)
-        value = _all_mean(loss, self.run)
+        value, stop = _agree(loss, bool(self.signals), self.run)
         if not math.isfinite(value):
-            kept = self.ckpt_path if self.ckpt_path.exists() else "none yet"
             raise TrainingDiverged(f"the {stage.label} loss became {value} at step {self.step}: training stopped; "
-                                   f"the last good checkpoint ({kept}) is untouched")
+                                   f"{self.kept()}")
         stage.opt.step()
-        return value
+        return value, stop
+
+    def kept(self) -> str:
+        """What a stopped run leaves: "the last good checkpoint (PATH, step N) is untouched"."""
+        if not self.ckpt_path.exists():
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint ({self.ckpt_path}, step {self.saved_step}) is untouched"
 
     def log(self, stage: Stage, record: dict):
         """Report a step (rank 0): the progress callback, and a metrics.jsonl line every ``log_every`` steps."""
         if self.progress is not None:
             self.progress(stage.label, self.step - stage.first, stage.steps, record)
         if self.tc.log_every and self.step % self.tc.log_every == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
+            path = self.out / "metrics.jsonl"
+            with _writing(path, f"; training stopped at step {self.step}; {self.kept()}"), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, opt: torch.optim.Optimizer, metrics: dict):
-        """Write the checkpoint (rank 0, atomically); every rank waits for it."""
+        """Write the checkpoint (rank 0, atomically); every rank waits for it. A non-finite parameter (every
+        rank holds the same ones) raises :class:`TrainingDiverged` instead, and a failed write (a full disk,
+        no permission) an OSError of one line; the last good checkpoint stays as it was either way."""
+        for label, net in (("VAE", self.vae), ("U-Net", self.unet), ("EMA", self.ema.module)):
+            bad = next((k for k, v in net.state_dict().items() if not torch.isfinite(v).all()), None)
+            if bad is not None:
+                raise TrainingDiverged(f"the {label} parameter {bad} became non-finite at step {self.step}: training "
+                                       f"stopped; {self.kept()}")
         if self.run.main:
             self.ema.n_averaged.fill_(max(self.step - self.tc.vae_steps, 0))
-            save_checkpoint(self.ckpt_path, make_checkpoint(self.config, self.vae.state_dict(), self.unet.state_dict(),
-                                                            self.ema.module.state_dict(), opt.state_dict(), self.step,
-                                                            metrics))
+            ckpt = make_checkpoint(self.config, self.vae.state_dict(), self.unet.state_dict(),
+                                   self.ema.module.state_dict(), opt.state_dict(), self.step, metrics)
+            with _writing(self.ckpt_path, f"; training stopped at step {self.step}; {self.kept()}"):
+                save_checkpoint(self.ckpt_path, ckpt)
+        self.saved_step = self.step
         if self.run.world > 1:
             dist.barrier()
+
+
+def check_optimizer_state(saved, opt: torch.optim.Optimizer, steps_done: int, scheduled_lr: bool, where: str) -> None:
+    """Check an optimizer state dict from a checkpoint against ``opt``, the fresh AdamW of the stage's network,
+    before ``load_state_dict``: the same groups with the same parameter indices and the same hyperparameters
+    (the learning rate excepted when the schedule sets it each step; keys this torch does not know, or that
+    an older one did not write, are left to torch); per parameter, at most AdamW's "step", "exp_avg" and
+    "exp_avg_sq", the step a whole number in 1..``steps_done`` (the stage's steps so far) and the moments
+    dense CPU tensors of the parameter's dtype and shape, finite, the second one ≥ 0. ValueError naming
+    ``where`` and the first problem."""
+    fresh = opt.state_dict()
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        what = f"keys {sorted(map(str, saved))[:4]}" if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{where} must be a torch optimizer state dict (keys 'state' and 'param_groups'), got "
+                         f"{what}: the checkpoint cannot be resumed")
+    groups = saved["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh["param_groups"]):
+        raise ValueError(f"{where} param_groups must be a list of {len(fresh['param_groups'])} group(s), got "
+                         f"{f'{len(groups)} group(s)' if isinstance(groups, list) else type(groups).__name__}")
+    for i, (group, want) in enumerate(zip(groups, fresh["param_groups"], strict=True)):
+        if not isinstance(group, dict) or group.get("params") != want["params"]:
+            raise ValueError(f"{where} param_groups[{i}] must list the parameters 0..{len(want['params']) - 1} "
+                             f"of the network")
+        for key, value in want.items():
+            if key in group and key != "params" and not (key == "lr" and scheduled_lr) \
+                    and (type(group[key]) is not type(value) or group[key] != value):
+                raise ValueError(f"{where} param_groups[{i}][{key!r}] is {group[key]!r:.40}, but the run's "
+                                 f"config gives {value!r}")
+        if scheduled_lr and not (isinstance(group.get("lr"), float) and math.isfinite(group["lr"])
+                                 and group["lr"] >= 0):
+            raise ValueError(f"{where} param_groups[{i}]['lr'] must be a finite float >= 0, got "
+                             f"{group.get('lr')!r:.40}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = saved["state"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} state must be a dict, got {type(state).__name__}")
+    for index, entry in state.items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"{where} state has key {index!r:.40}, but the network has parameters "
+                             f"0..{len(params) - 1}")
+        _check_adamw_entry(entry, params[index], steps_done, f"{where} state[{index}]")
+
+
+def _check_adamw_entry(entry, param: torch.Tensor, steps_done: int, where: str) -> None:
+    if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+        got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(f"{where} must hold AdamW's 'step', 'exp_avg' and 'exp_avg_sq', got {got!r:.80}")
+    step = entry["step"]
+    value = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_meta else step
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (1 <= value <= steps_done) \
+            or value != int(value):
+        raise ValueError(f"{where}['step'] must be a whole number in 1..{steps_done} (the stage's steps so far), "
+                         f"got {value!r:.40}")
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = entry[key]
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != "cpu" \
+                or t.is_quantized or t.dtype != param.dtype or t.shape != param.shape:
+            got = (f"{t.dtype} {t.layout} tensor of shape {tuple(t.shape)} on {t.device}"
+                   if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise ValueError(f"{where}[{key!r}] must be a dense CPU {param.dtype} tensor of shape "
+                             f"{tuple(param.shape)} (its parameter's), got a {got}")
+        if not torch.isfinite(t).all() or (key == "exp_avg_sq" and (t < 0).any()):
+            raise ValueError(f"{where}[{key!r}] holds a non-finite{' or negative' if key == 'exp_avg_sq' else ''} "
+                             f"value")
 
 
 def train_vae(tr: Trainer, images: torch.Tensor) -> bool:
@@ -353,40 +544,66 @@ def train_unet(tr: Trainer, images: torch.Tensor, labels: torch.Tensor | None) -
 
 
 def train(config: Config, out, device: str = "auto", resume: bool = False, progress: Progress | None = None,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Train both stages into folder ``out`` (checkpoint.pt, metrics.jsonl, samples/); returns the checkpoint
-    path. ``resume`` continues from ``out``/checkpoint.pt (its config wins). ``stop_after``: stop after
-    that many global steps, as a killed run would (for tests).
+    path. ``resume`` continues from ``out``/checkpoint.pt (its config wins); resuming a run whose checkpoint
+    holds all its steps does nothing ("already trained"), and a checkpoint step past them is refused.
+    ``stop_after``: stop after that many global steps, as a killed run would (for tests).
 
     ``progress(label, done, total, record)``, if given, is called on rank 0 when a stage starts, with
     ``record`` None, and after each of its steps, with that step's metrics record (the dict of a
     metrics.jsonl line: "stage", "step", "loss", "images_per_s", …). ``label`` is "VAE" or "U-Net",
     ``done`` the steps of the stage done so far (more than 0 at the start of a resumed stage) and
-    ``total`` the stage's steps. The command line draws its progress bars with it."""
+    ``total`` the stage's steps. The command line draws its progress bars with it. ``log(line)``, if
+    given, gets rank 0's notes (temporary files removed, a run already trained).
+
+    Rank 0 holds ``out`` locked (:func:`lock_folder`) from start to end. SIGTERM or SIGINT on any rank
+    stops every rank after the same step, with the checkpoint written: :class:`Preempted`. A non-finite
+    loss or parameter raises :class:`TrainingDiverged`, a failed write an OSError; both leave the last
+    good checkpoint as it was."""
+    note = log if log is not None else (lambda line: None)
     run = start_run(device)
     out = Path(out)
-    ckpt_path = prepare_output(out, resume) if run.main else out / CHECKPOINT
-    if run.world > 1:
-        dist.barrier()
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        config = Config.from_dict(state["config"])
-    if run.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    images, labels, description = load_dataset(config.data["spec"], "train", config.vae.image_size,
-                                               config.unet.num_classes or None)
-    if labels is None and config.unet.num_classes:
-        raise ValueError(f"dataset {config.data['spec']} has no labels but the config asks for a class-conditional "
-                         f"model (unet.num_classes = {config.unet.num_classes}); set it to 0")
-    config.data = {**config.data, **{k: description[k] for k in ("source", "format", "num_examples", "content_size",
-                                                                   "num_classes")}}
-    if run.main:
-        with atomic_write(out / "config.json", binary=False) as f:
-            f.write(json.dumps(config.to_dict(), indent=2) + "\n")
-    tr = Trainer(config, out, run, state, progress, stop_after)
-    if train_vae(tr, images) and train_unet(tr, images, labels) and run.world > 1:
-        dist.barrier()  # no rank returns before the last checkpoint is written
+    with contextlib.ExitStack() as held:
+        signals = held.enter_context(stop_signals())
+        ckpt_path = out / CHECKPOINT
+        if run.main:
+            held.enter_context(lock_folder(out))
+            prepare_output(out, resume)
+            for path in remove_stale_temp_files(out):
+                note(f"removed {path}, left by an interrupted write")
+        if run.world > 1:
+            dist.barrier()
+        state = load_checkpoint(ckpt_path) if resume else None
+        if state is not None:
+            config = Config.from_dict(state["config"])
+            total = config.train.vae_steps + config.train.unet_steps
+            if state["step"] > total:
+                raise ValueError(f"{ckpt_path}: checkpoint step {state['step']} is past the end of its run "
+                                 f"({config.train.vae_steps} VAE + {config.train.unet_steps} U-Net steps = {total}): "
+                                 f"the checkpoint is inconsistent")
+            if state["step"] == total:
+                if run.main:
+                    note(f"already trained: {ckpt_path} holds all {total} steps of its run; nothing to do")
+                return ckpt_path
+        if run.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        images, labels, description = load_dataset(config.data["spec"], "train", config.vae.image_size,
+                                                   config.unet.num_classes or None)
+        if labels is None and config.unet.num_classes:
+            raise ValueError(f"dataset {config.data['spec']} has no labels but the config asks for a "
+                             f"class-conditional model (unet.num_classes = {config.unet.num_classes}); set it to 0")
+        config.data = {**config.data,
+                       **{k: description[k] for k in ("source", "format", "num_examples", "content_size",
+                                                      "num_classes")}}
+        tr = Trainer(config, out, run, state, progress, stop_after, signals)
+        if run.main:
+            path = out / "config.json"
+            with _writing(path, "; nothing was trained"), atomic_write(path, binary=False) as f:
+                f.write(json.dumps(config.to_dict(), indent=2) + "\n")
+        if train_vae(tr, images) and train_unet(tr, images, labels) and run.world > 1:
+            dist.barrier()  # no rank returns before the last checkpoint is written
     return ckpt_path
 
 

@@ -207,8 +207,8 @@ def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     assert report["nll_bits_per_dim"] == pytest.approx(parts / (1024 * np.log(2)), rel=1e-9)
     assert report["recon_psnr_db"] == pytest.approx(10 * np.log10(1 / report["recon_mse"]))
     assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
-    assert report["sampler"] == "ddim 50 steps, guidance 3.0" and report["samples"] == 20
-    assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"]) == ("ddim", 50, 3.0)
+    assert report["sampler"] == "dpmpp2m 10 steps, guidance 2.0" and report["samples"] == 20
+    assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"]) == ("dpmpp2m", 10, 2.0)
     assert 0 <= report["quality_accuracy"] <= 1 and report["quality_samples"] == 20
     assert report["quality_fd"] >= 0 and report["quality_fd_floor"] > 0
     assert report["quality_fd_ratio"] == pytest.approx(report["quality_fd"] / report["quality_fd_floor"])

@@ -27,6 +27,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError)
 #: Exit status for bad input, the same as click's own usage errors.
 USER_ERROR_EXIT = 2
 
+#: Exit status of ``ldmkit train`` stopped by SIGTERM or SIGINT after writing its checkpoint: sysexits.h's
+#: EX_TEMPFAIL ("temporary failure; the user is invited to retry"), i.e. run it again with --resume. Not
+#: 128 + the signal number (143, 130), which is what a shell reports for a process the signal killed
+#: without saving; SLURM, Kubernetes and torchrun read no meaning into a worker's status besides non-zero.
+PREEMPTED_EXIT = 75
+
 #: Optional dependencies and the extra that installs each; a command that needs a missing one fails
 #: with a one-line hint (exit status 2) instead of a ModuleNotFoundError traceback.
 OPTIONAL_DEPENDENCIES: dict[str, str] = {
@@ -222,11 +228,15 @@ class _StageBars:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps, batch_size, seed, precision, compile_,
           quiet):
-    """Train the VAE and the latent U-Net; writes OUT/checkpoint.pt. Under torchrun it uses DDP."""
+    """Train the VAE and the latent U-Net; writes OUT/checkpoint.pt. Under torchrun it uses DDP.
+
+    SIGTERM or SIGINT (Ctrl-C) stops it after the step in progress, with the checkpoint written: one line
+    on stderr and exit status 75; --resume continues bit-identically. A second trainer on the same --out
+    is refused (exit status 2) while the first runs."""
     import time
 
     from ldmkit.engine import config as cfg
-    from ldmkit.engine.train import TrainingDiverged
+    from ldmkit.engine.train import Preempted, TrainingDiverged
     from ldmkit.engine.train import train as run_training
 
     if config_file is not None:
@@ -250,9 +260,15 @@ def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps,
     start = time.perf_counter()
     bars = None if quiet else _StageBars()
     try:
-        path = run_training(config, out, device=device, resume=resume, progress=bars)
+        path = run_training(config, out, device=device, resume=resume, progress=bars, log=click.echo)
     except TrainingDiverged as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise CommandError(one_line(exc)) from exc
+    except Preempted as exc:
+        if bars is not None:
+            bars.close()
+        if exc.main:
+            click.echo(one_line(exc), err=True)
+        click.get_current_context().exit(PREEMPTED_EXIT)
     finally:
         if bars is not None:
             bars.close()
