@@ -21,7 +21,6 @@ from ldmkit.engine import diffusion as D
 from ldmkit.engine.config import preset
 from ldmkit.engine.models import VAE, UNet
 from ldmkit.engine.train import vae_loss
-from ldmkit.reference.schedules import Schedule
 
 
 def sync(device):
@@ -99,7 +98,7 @@ def main() -> None:
     unet = UNet.from_config(cfg.unet).to(device)
     model = torch.compile(unet) if args.compile else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=tc.lr)
-    schedule = Schedule.named(cfg.diffusion.schedule, cfg.diffusion.T)
+    schedule = cfg.diffusion.make_schedule()
     B, shape = tc.batch_size, cfg.vae.latent_shape
     z0, eps = torch.randn(B, *shape, device=device), torch.randn(B, *shape, device=device)
     t = torch.randint(1, cfg.diffusion.T + 1, (B,), device=device)

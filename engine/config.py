@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ldmkit.common import from_dict, to_plain
 from ldmkit.reference.posterior import PREDICTIONS
-from ldmkit.reference.schedules import SCHEDULE_NAMES
+from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 PRECISIONS = ("fp32", "bf16")
@@ -114,12 +114,16 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The forward process: a named schedule of ``reference.schedules.Schedule.named`` with T steps, and
-    what the U-Net predicts."""
+    """The forward process and the U-Net's objective: a named schedule of ``reference.schedules.Schedule.named``
+    with T steps, rescaled to zero terminal SNR (R2) when ``zero_terminal_snr``; what the U-Net predicts;
+    and its loss weighting: ``min_snr_gamma`` None for the plain MSE in the prediction's own space (L4/L5),
+    or γ > 0 for Min-SNR-γ weights (R1, γ = 5 in the paper)."""
 
     schedule: str = "linear"
     T: int = 1000
     prediction: str = "eps"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float | None = None
 
     def __post_init__(self):
         _require(self.schedule in SCHEDULE_NAMES,
@@ -127,6 +131,20 @@ class DiffusionConfig:
         _check_positive(self, "T")
         _require(self.prediction in PREDICTIONS,
                  f"DiffusionConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
+        _require(isinstance(self.zero_terminal_snr, bool),
+                 f"DiffusionConfig.zero_terminal_snr must be true or false, got {self.zero_terminal_snr!r}")
+        _require(not (self.zero_terminal_snr and self.prediction == "eps"),
+                 "DiffusionConfig: zero_terminal_snr needs prediction 'v' or 'x0': at t = T the schedule has "
+                 "alpha_bar = 0, where an eps-model's x0 = (x_T - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) "
+                 "divides by zero (diffusers lets it, and samples NaN)")
+        _require(not (self.zero_terminal_snr and self.T < 2), "DiffusionConfig: zero_terminal_snr needs T >= 2")
+        _require(self.min_snr_gamma is None or self.min_snr_gamma > 0,
+                 f"DiffusionConfig.min_snr_gamma must be > 0 (Min-SNR-gamma) or null (uniform), "
+                 f"got {self.min_snr_gamma!r}")
+
+    def make_schedule(self) -> Schedule:
+        """The reference schedule this config describes (float64 tables, math-indexed)."""
+        return Schedule.named(self.schedule, self.T, zero_terminal_snr=self.zero_terminal_snr)
 
 
 @dataclass
@@ -210,8 +228,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """Inverse of ``to_dict``; ValueError naming any unknown, missing or mistyped key."""
+        """Inverse of ``to_dict``; ValueError naming any unknown, missing or mistyped key. A config written
+        before ``diffusion.zero_terminal_snr`` and ``diffusion.min_snr_gamma`` existed is read with them
+        as they behaved then (``DIFFUSION_BEFORE_REFINEMENTS``)."""
+        if isinstance(d, dict) and isinstance(d.get("diffusion"), dict):
+            d = {**d, "diffusion": {**DIFFUSION_BEFORE_REFINEMENTS, **d["diffusion"]}}
         return from_dict(cls, d, "config")
+
+
+DIFFUSION_BEFORE_REFINEMENTS = {"zero_terminal_snr": False, "min_snr_gamma": None}
+"""The diffusion options added by the refinements (issue 10), at the values that reproduce older checkpoints."""
 
 
 def _demo() -> Config:

@@ -1,4 +1,4 @@
-"""The engine's diffusion math: the training side (docs/formulas.md: F2, L4, L5) in torch, and ``torch_model``, the
+"""The engine's diffusion math: the training side (docs/formulas.md: F2, L4, L5, R1) in torch, and ``torch_model``, the
 bridge that lets the reference's samplers run the engine's U-Net.
 
 Sampling has no code here: ``ldmkit.reference.samplers`` (every loop, the denoiser's x̂_0/ε̂ conversion,
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ldmkit.reference._checks import prediction_name
+from ldmkit.reference.losses import min_snr_weight
 from ldmkit.reference.schedules import Schedule
 
 _TABLES = ("sqrt_alpha_bars", "sqrt_one_minus_alpha_bars")
@@ -98,3 +99,14 @@ def training_target(x0, eps, x_t, t, schedule: Schedule, prediction: str = "eps"
 def mse_per_example(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L4: mean over the non-batch axes of (target − pred)², per example; (B, ...) → (B,)."""
     return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def loss_weights(schedule: Schedule, prediction: str, gamma: float | None, device) -> torch.Tensor | None:
+    """R1: the Min-SNR-γ weight of each math t for the loss in the prediction's own space
+    (``reference.losses.min_snr_weight``), a float32 tensor (T+1,) on ``device`` indexed by t (entry 0
+    unused, 0); None for uniform weighting (``gamma`` None), which training then leaves out."""
+    if gamma is None:
+        return None
+    t = np.arange(1, schedule.T + 1)
+    table = np.concatenate([[0.0], min_snr_weight(t, schedule, gamma, prediction)])
+    return torch.from_numpy(table).to(device=device, dtype=torch.float32)

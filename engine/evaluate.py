@@ -24,7 +24,6 @@ from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.reference import losses
 from ldmkit.reference.kl import discretized_gaussian_log_likelihood, gaussian_log_likelihood
 from ldmkit.reference.samplers import check_sampling
-from ldmkit.reference.schedules import Schedule
 
 from . import quality
 from .config import Config
@@ -58,7 +57,7 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
     its three parts in nats; the U-Net is called through torch, the VLB is the reference's."""
     if config.vae.likelihood != "gaussian":
         raise ValueError("the NLL bound needs the gaussian reconstruction likelihood (discretised to 8 bits)")
-    schedule = Schedule.named(config.diffusion.schedule, config.diffusion.T)
+    schedule = config.diffusion.make_schedule()
     c = float(config.latent_scale)
     null = config.unet.num_classes if config.unet.num_classes else None
     rng = np.random.default_rng(seed)
@@ -94,14 +93,16 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
 
 
 def eval_samples(config: Config, vae: VAE, unet: UNet, per_class: int, sampler: str = DEFAULT_SAMPLER,
-                 steps: int = DEFAULT_STEPS, guidance: float | None = DEFAULT_GUIDANCE, seed: int = 0):
+                 steps: int = DEFAULT_STEPS, guidance: float | None = DEFAULT_GUIDANCE, seed: int = 0,
+                 guidance_rescale: float = 0.0):
     """(samples (n, C, H, W) in [0, 1], labels (n,) or None): ``per_class`` samples of each class, in class
-    order, for a conditional model (guidance w of A9, None for plain conditional sampling), or 10·per_class
-    unconditional ones; one ``generate`` call from ``seed``."""
+    order, for a conditional model (guidance w of A9, None for plain conditional sampling; its rescale φ, R3),
+    or 10·per_class unconditional ones; one ``generate`` call from ``seed``."""
     k = config.unet.num_classes
     labels = np.repeat(np.arange(k), per_class) if k else None
     n = k * per_class if k else 10 * per_class
-    samples = generate(config, vae, unet, n, labels, sampler, steps, guidance=guidance if k else None, seed=seed)
+    samples = generate(config, vae, unet, n, labels, sampler, steps, guidance=guidance if k else None, seed=seed,
+                       guidance_rescale=guidance_rescale if k else 0.0)
     return samples, labels
 
 
@@ -141,12 +142,14 @@ def sample_quality(samples: np.ndarray, labels, train_images, train_labels, test
 
 
 def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, seed: int = 0,
-             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | None = None) -> dict:
+             sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | None = None,
+             guidance_rescale: float = 0.0) -> dict:
     """All of the above for a loaded checkpoint dict; returns a JSON-ready dict. The samples (``per_class`` of
-    each class; 0 skips them) come from ``sampler`` with ``steps`` and ``guidance`` (default
-    ``DEFAULT_GUIDANCE`` for a conditional model), checked before anything runs when there are samples to draw.
-    The reconstruction and the NLL bound see the image_size×image_size images the VAE works at; the samples and
-    the real images they are measured against are at the data's own size (``Config.output_size``)."""
+    each class; 0 skips them) come from ``sampler`` with ``steps``, ``guidance`` (default
+    ``DEFAULT_GUIDANCE`` for a conditional model) and ``guidance_rescale`` (R3), checked before anything runs
+    when there are samples to draw. The reconstruction and the NLL bound see the image_size×image_size images
+    the VAE works at; the samples and the real images they are measured against are at the data's own size
+    (``Config.output_size``)."""
     from .sample import models_from_checkpoint
 
     config, vae, unet = models_from_checkpoint(ckpt, device)
@@ -154,8 +157,7 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
     if guidance is None and k:
         guidance = DEFAULT_GUIDANCE
     if per_class:
-        check_sampling(Schedule.named(config.diffusion.schedule, config.diffusion.T), sampler, steps, 0.0, guidance,
-                       k)
+        check_sampling(config.diffusion.make_schedule(), sampler, steps, 0.0, guidance, k, guidance_rescale)
     spec, size = config.data["spec"], config.vae.image_size
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
     train_x, train_y, _ = load_dataset(spec, "train", size, k)
@@ -164,7 +166,7 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
     if nll_images:
         result.update(nll_bits_per_dim(config, vae, unet, test_x[:nll_images], device, seed))
     if per_class:
-        samples, labels = eval_samples(config, vae, unet, per_class, sampler, steps, guidance, seed)
+        samples, labels = eval_samples(config, vae, unet, per_class, sampler, steps, guidance, seed, guidance_rescale)
         # samples come at the data's own size: the real images are measured at that size too
         train_x, test_x = (center_crop(x, config.output_size) for x in (train_x, test_x))
         result.update(class_fidelity(samples, labels, train_x, train_y, test_x, test_y))

@@ -15,7 +15,6 @@ import torch
 
 from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.reference import samplers as R
-from ldmkit.reference.schedules import Schedule
 
 from .config import Config
 from .data import center_crop
@@ -46,19 +45,19 @@ def sample_noise(config: Config, n: int, steps: int, seed: int) -> tuple[torch.T
 @torch.no_grad()
 def generate(config: Config, vae: VAE, unet: UNet, n: int, labels=None, sampler: str = DEFAULT_SAMPLER,
              steps: int = DEFAULT_STEPS, eta: float = 0.0, guidance: float | None = None, seed: int = 0,
-             noise=None) -> np.ndarray:
+             noise=None, guidance_rescale: float = 0.0) -> np.ndarray:
     """n images (n, C, H, W) float32 in [0, 1], (H, W) = ``config.output_size``. ``labels``: None (all classes in
     turn for a conditional model), a class id, or n class ids (``R.class_labels``); ``guidance`` w of A9 (None:
-    plain conditional sampling).
+    plain conditional sampling), ``guidance_rescale`` its φ of R3 (0: none).
     ``noise``: optional (x_T, loop noise) as from ``sample_noise`` (overrides ``seed``)."""
     k = config.unet.num_classes
-    schedule = Schedule.named(config.diffusion.schedule, config.diffusion.T)
+    schedule = config.diffusion.make_schedule()
     null_class = k if k else None
-    R.check_sampling(schedule, sampler, steps, eta, guidance, null_class)
+    R.check_sampling(schedule, sampler, steps, eta, guidance, null_class, guidance_rescale)
     y = R.class_labels(n, k, labels)
     device = next(unet.parameters()).device
     x_T, loop = noise if noise is not None else sample_noise(config, n, steps, seed)
     z = R.sample(torch_model(unet), x_T.to(device), schedule, sampler, steps, eta, loop.to(device),
-                 config.diffusion.prediction, y, guidance, null_class)
+                 config.diffusion.prediction, y, guidance, null_class, guidance_rescale=guidance_rescale)
     images = center_crop(vae.decode(z * config.latent_scale), config.output_size)
     return ((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()

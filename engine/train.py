@@ -46,7 +46,6 @@ from torch.utils.data import DistributedSampler
 from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, one_line
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
-from ldmkit.reference.schedules import Schedule
 
 from . import diffusion as D
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
@@ -499,7 +498,8 @@ def train_vae(tr: Trainer, images: torch.Tensor) -> bool:
 
 def train_unet(tr: Trainer, images: torch.Tensor, labels: torch.Tensor | None) -> bool:
     """Stage 2: the latent cache, the latent scale (V1) on a fresh run, then the class-conditional latent
-    U-Net (L4/L5, label dropout, ``unet_lr``), its EMA and sample grids. False if stopped."""
+    U-Net (L4/L5, with Min-SNR-γ weights R1 when the config asks; label dropout, ``unet_lr``), its EMA and
+    sample grids. False if stopped."""
     tc, run, config = tr.tc, tr.run, tr.config
     tr.vae.eval().requires_grad_(False)
     mean, logvar = encode_latents(tr.vae, images, run.device)
@@ -507,7 +507,8 @@ def train_unet(tr: Trainer, images: torch.Tensor, labels: torch.Tensor | None) -
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=_generator(tc.seed, 3, 0))
         config.latent_scale = latent_std(z.double().numpy())
         config.latent_shape = tuple(mean.shape[1:])
-    schedule = Schedule.named(config.diffusion.schedule, config.diffusion.T)
+    schedule = config.diffusion.make_schedule()
+    weights = D.loss_weights(schedule, config.diffusion.prediction, config.diffusion.min_snr_gamma, run.device)
     opt = tr.unet_opt
     model = DistributedDataParallel(tr.unet) if run.world > 1 else tr.unet
     compiled = torch.compile(model) if tc.compile else model
@@ -533,7 +534,10 @@ def train_unet(tr: Trainer, images: torch.Tensor, labels: torch.Tensor | None) -
         with tr.autocast:
             pred = compiled(x_t, t, y)
         target = D.training_target(z0, eps, x_t, t, schedule, config.diffusion.prediction)
-        return D.mse_per_example(pred, target).mean(), {"lr": opt.param_groups[0]["lr"]}
+        loss = D.mse_per_example(pred, target)
+        if weights is not None:
+            loss = loss * weights[t]
+        return loss.mean(), {"lr": opt.param_groups[0]["lr"]}
 
     def sample_grid(done: int):
         if tc.sample_every and done % tc.sample_every == 0:

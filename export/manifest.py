@@ -4,10 +4,10 @@
     format          {"name": "ldmkit-onnx", "version": 1}
     ldmkit_version  the ldmkit that exported it
     opset           the ONNX opset of the three graphs
-    model           ``Model``: the schedule (name, T, the ᾱ table), prediction type, shapes (``image_shape``
-                    [C, H, W]: the images vae_decoder.onnx and sampler.onnx return, at the data's own size, e.g.
-                    [1, 28, 28] for digits the model saw padded to 32×32), classes, the samplers of sampler.onnx's
-                    ``method`` input in order, the precision of its loop, ``Defaults``
+    model           ``Model``: the schedule (name, T, zero terminal SNR or not, the ᾱ table), prediction type,
+                    shapes (``image_shape`` [C, H, W]: the images vae_decoder.onnx and sampler.onnx return, at
+                    the data's own size, e.g. [1, 28, 28] for digits the model saw padded to 32×32), classes, the
+                    samplers of sampler.onnx's ``method`` input in order, the precision of its loop, ``Defaults``
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
@@ -32,7 +32,8 @@ from ldmkit.reference.samplers import SAMPLERS
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
 
 FORMAT_NAME = "ldmkit-onnx"
-FORMAT_VERSION = 2  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); model.graph_samplers names them
+FORMAT_VERSION = 3  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); model.graph_samplers names them
+# 3: model.zero_terminal_snr (R2), defaults.guidance_rescale (R3; sampler.onnx's optional guidance_rescale input)
 MANIFEST = "sampler.json"
 FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
 GRAPH_SAMPLERS = ("ddim", "dpmpp2m")
@@ -45,21 +46,25 @@ def _shape(v) -> bool:
 
 @dataclass(frozen=True)
 class Defaults:
-    """What ``ldmkit sample DIR`` uses when not told: sampler, steps (and their step list), η, guidance w."""
+    """What ``ldmkit sample DIR`` uses when not told: sampler, steps (and their step list), η, guidance w and
+    its rescale φ (R3)."""
 
     sampler: str = checked(f"one of {list(SAMPLERS)}", lambda v: v in SAMPLERS)
     steps: int = checked("an int >= 1", lambda v: v >= 1)
     eta: float = checked("a float >= 0", lambda v: v >= 0)
     guidance: float | None = checked("a float >= 0 or null", lambda v: v is None or v >= 0)
+    guidance_rescale: float = checked("a float in [0, 1]", lambda v: 0 <= v <= 1)
     timesteps: tuple[int, ...] = checked("a list of ints")
 
 
 @dataclass(frozen=True)
 class Model:
-    """The model a host drives: ``alpha_bars`` is ᾱ_t for math t = 0..T of ``Schedule.named(schedule, T)``."""
+    """The model a host drives: ``alpha_bars`` is ᾱ_t for math t = 0..T of
+    ``Schedule.named(schedule, T, zero_terminal_snr)`` (R2: then ᾱ_T = 0, and the prediction is v or x0)."""
 
     schedule: str = checked(f"one of {list(SCHEDULE_NAMES)}", lambda v: v in SCHEDULE_NAMES)
     T: int = checked("an int >= 1", lambda v: v >= 1)
+    zero_terminal_snr: bool = checked("true or false")
     alpha_bars: tuple[float, ...] = checked("a list of floats")
     prediction: str = checked(f"one of {list(PREDICTIONS)}", lambda v: v in PREDICTIONS)
     latent_shape: tuple[int, ...] = checked("[C, H, W]", _shape)
@@ -75,15 +80,24 @@ class Model:
 
     def check(self, where: str) -> None:
         """What ties the fields together; ValueError naming the problem."""
-        expected = Schedule.named(self.schedule, self.T).alpha_bars
+        if self.zero_terminal_snr and (self.prediction == "eps" or self.T < 2):
+            raise ValueError(f"{where}: model.zero_terminal_snr needs T >= 2 and prediction 'v' or 'x0', got "
+                             f"T = {self.T}, {self.prediction!r}")
+        expected = self.make_schedule().alpha_bars
         if len(self.alpha_bars) != self.T + 1 or not np.array_equal(np.array(self.alpha_bars), expected):
-            raise ValueError(f"{where}: model.alpha_bars is not the {self.schedule!r} schedule with T = {self.T}")
+            zero = " rescaled to zero terminal SNR" if self.zero_terminal_snr else ""
+            raise ValueError(f"{where}: model.alpha_bars is not the {self.schedule!r} schedule with T = {self.T}"
+                             f"{zero}")
         k = self.num_classes
         if self.null_class != (k if k > 0 else None):
             raise ValueError(f"{where}: model.null_class must be num_classes ({k}) or null when unconditional")
         d = self.defaults
         if not 1 <= d.steps <= self.T or list(d.timesteps) != timesteps(d.steps, self.T, SPACING).tolist():
             raise ValueError(f"{where}: model.defaults.timesteps is not the {SPACING} list for steps = {d.steps}")
+
+    def make_schedule(self) -> Schedule:
+        """The reference schedule the manifest names (``Schedule.named(schedule, T, zero_terminal_snr)``)."""
+        return Schedule.named(self.schedule, self.T, zero_terminal_snr=self.zero_terminal_snr)
 
 
 @dataclass(frozen=True)

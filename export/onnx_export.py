@@ -30,7 +30,7 @@ from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPAC
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.data import center_crop
 from ldmkit.engine.sample import generate, models_from_checkpoint
-from ldmkit.reference.schedules import Schedule, timesteps
+from ldmkit.reference.schedules import timesteps
 
 from . import manifest as M
 from . import runtime as rt
@@ -135,8 +135,8 @@ def _parity_models(sessions: dict, unet, decoder, config, log) -> dict:
 
 
 def _parity_loop(session, config, vae, unet, steps: int, guidance, log) -> float:
-    """sampler.onnx against the torch engine on the same noise (batch 2), for each of its methods; returns the
-    largest max abs error."""
+    """sampler.onnx against the torch engine on the same noise (batch 2), for each of its methods, and for a
+    conditional model with guidance rescale φ = 0 and 0.7 (R3); returns the largest max abs error."""
     n, k = 2, config.unet.num_classes
     g = torch.Generator().manual_seed(1)
     x_T = torch.randn((n, *config.latent_shape), generator=g)
@@ -144,13 +144,16 @@ def _parity_loop(session, config, vae, unet, steps: int, guidance, log) -> float
     unused = torch.zeros(steps, *x_T.shape)  # these samplers (eta = 0) draw no loop noise
     worst = 0.0
     for method, sampler in enumerate(M.GRAPH_SAMPLERS):
-        want = generate(config, vae, unet, n, labels, sampler, steps, 0.0, guidance, noise=(x_T, unused))
-        feeds = {"noise": x_T.numpy(), "steps": np.array(steps, dtype=np.int64), "method": np.array(method)}
-        if k:
-            feeds.update(y=labels, guidance=np.array(1.0 if guidance is None else guidance, dtype=np.float32))
-        got = session.run(None, feeds)[0]
-        worst = max(worst, _max_error(got, want.astype(np.float64), "sampler", f"{sampler}-{steps} vs torch",
-                                      TOLERANCE, log))
+        for phi in (0.0, 0.7) if k else (0.0,):
+            want = generate(config, vae, unet, n, labels, sampler, steps, 0.0, guidance, noise=(x_T, unused),
+                            guidance_rescale=phi)
+            feeds = {"noise": x_T.numpy(), "steps": np.array(steps, dtype=np.int64), "method": np.array(method)}
+            if k:
+                feeds.update(y=labels, guidance=np.array(1.0 if guidance is None else guidance, dtype=np.float32),
+                             guidance_rescale=np.array(phi, dtype=np.float32))
+            got = session.run(None, feeds)[0]
+            what = f"{sampler}-{steps}" + (f" phi {phi:g}" if k else "") + " vs torch"
+            worst = max(worst, _max_error(got, want.astype(np.float64), "sampler", what, TOLERANCE, log))
     return worst
 
 
@@ -170,7 +173,11 @@ CONVENTIONS = {
                    "was trained on images padded to a larger size)",
     "sampler": "DDIM (eta = 0) or DPM-Solver++(2M) with guidance and the decoder in one Loop; noise = x_T ~ N(0, I) "
                "float32, y class ids, guidance w (scalar), steps (scalar, clamped to 1..T), method (scalar: the index "
-               "in model.graph_samplers, 0 ddim, 1 dpmpp2m); output images in [0, 1]",
+               "in model.graph_samplers, 0 ddim, 1 dpmpp2m), optional guidance_rescale (scalar float32 in [0, 1], "
+               "default 0: the rescale phi of the guided x0 by the conditional x0's std, per image); output images "
+               "in [0, 1]",
+    "guidance_rescale": "x0_cfg and x0_cond from pred and pred(x, y) by model.prediction; x0 = phi * x0_cfg * "
+                        "std(x0_cond) / std(x0_cfg) + (1 - phi) * x0_cfg, std per image over C, H, W",
 }
 
 
@@ -196,19 +203,20 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
     T, k = config.diffusion.T, config.unet.num_classes
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T} (the model's T), got {steps!r}")
-    schedule = Schedule.named(config.diffusion.schedule, T)
+    schedule = config.diffusion.make_schedule()
     guidance = DEFAULT_GUIDANCE if k else None
     decoder = _Decoder(vae, config.latent_scale, config.output_size).eval()
     with torch.inference_mode():
         image_shape = list(decoder(torch.zeros(1, *config.latent_shape)).shape[1:])
     model = {
-        "schedule": config.diffusion.schedule, "T": T, "alpha_bars": schedule.alpha_bars.tolist(),
+        "schedule": config.diffusion.schedule, "T": T, "zero_terminal_snr": config.diffusion.zero_terminal_snr,
+        "alpha_bars": schedule.alpha_bars.tolist(),
         "prediction": config.diffusion.prediction, "latent_shape": list(config.latent_shape),
         "latent_scale": float(config.latent_scale), "image_shape": image_shape, "num_classes": k,
         "null_class": k if k else None, "timestep_spacing": SPACING, "graph_samplers": list(M.GRAPH_SAMPLERS),
         "graph_precision": precision,
         "defaults": {"sampler": DEFAULT_SAMPLER, "steps": steps, "eta": 0.0, "guidance": guidance,
-                     "timesteps": timesteps(steps, T, SPACING).tolist()},
+                     "guidance_rescale": 0.0, "timesteps": timesteps(steps, T, SPACING).tolist()},
     }
     digest = M.model_digest(from_dict(M.Model, model, "model"))
 

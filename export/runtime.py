@@ -8,8 +8,9 @@ The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
                     size and maps (x+1)/2 clamped to [0, 1]; [c, H', W'] is model.image_shape.
   sampler.onnx      DDIM (eta = 0) or DPM-Solver++(2M) with classifier-free guidance and the decoder in one
                     ONNX ``Loop`` (``build_sampler`` in sampler_graph.py): (noise[B,C,H,W] float32, y[B] int64,
-                    guidance[] float32, steps[] int64, method[] int64: the index in model.graph_samplers) ->
-                    images[B,c,H',W'] in [0, 1]; no y/guidance inputs for an unconditional model.
+                    guidance[] float32, steps[] int64, method[] int64: the index in model.graph_samplers; optional
+                    guidance_rescale[] float32, φ of R3, default 0) -> images[B,c,H',W'] in [0, 1]; no
+                    y/guidance/guidance_rescale inputs for an unconditional model.
   sampler.json      schedule (alpha_bars, math-indexed, length T+1), prediction type, shapes, classes, defaults,
                     the input/output names of each graph and the sha256 of each file.
 
@@ -35,7 +36,6 @@ import onnxruntime as ort
 
 from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, one_line
 from ldmkit.reference import samplers as R
-from ldmkit.reference.schedules import Schedule
 
 from . import manifest as M
 from .manifest import MANIFEST
@@ -116,7 +116,7 @@ class OnnxSampler:
         self.path = Path(path)
         self.manifest = M.read_manifest(self.path)
         self.model = self.manifest.model
-        self.schedule = Schedule.named(self.model.schedule, self.model.T)
+        self.schedule = self.model.make_schedule()
         self.latent_shape = tuple(self.model.latent_shape)
         self.num_classes = self.model.num_classes
         self._digest = M.model_digest(self.model)
@@ -152,9 +152,9 @@ class OnnxSampler:
         None for an unconditional model (labels must then be None). ``reference.samplers.class_labels``."""
         return R.class_labels(n, self.num_classes, labels)
 
-    def check(self, sampler: str, steps: int, eta: float, guidance) -> R.SamplerInfo:
+    def check(self, sampler: str, steps: int, eta: float, guidance, guidance_rescale: float = 0.0) -> R.SamplerInfo:
         """ValueError naming the argument (``reference.samplers.check_sampling``); the sampler's row."""
-        return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model.null_class)
+        return R.check_sampling(self.schedule, sampler, steps, eta, guidance, self.model.null_class, guidance_rescale)
 
     def noise(self, n: int, steps: int, seed: int, loop: bool = True):
         """(x_T (n, C, H, W), loop noise (steps, n, C, H, W) or None) float32 from ``default_rng(seed)``."""
@@ -206,25 +206,28 @@ class OnnxSampler:
     # ------------------------------------------------------------------------------------- sampling
 
     def sample(self, n: int, labels=None, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
-               guidance: float | None = None, seed: int = 0, noise=None) -> np.ndarray:
+               guidance: float | None = None, seed: int = 0, noise=None, guidance_rescale: float = 0.0) -> np.ndarray:
         """n images (n, c, H', W') float32 in [0, 1] through the reference's loops and the ONNX U-Net.
 
         ``labels``: see ``labels``. ``guidance``: classifier-free guidance w (None: 1, plain conditional
-        sampling, one U-Net call per step; otherwise one batched call on 2n). ``noise``: (x_T (n, C, H, W),
-        loop noise (steps, n, C, H, W), None for ddim with eta = 0, heun, dpmpp2m) instead of ``seed``."""
+        sampling, one U-Net call per step; otherwise one batched call on 2n); ``guidance_rescale`` its φ
+        (R3, 0: none). ``noise``: (x_T (n, C, H, W), loop noise (steps, n, C, H, W), None for ddim with
+        eta = 0, heun, dpmpp2m) instead of ``seed``."""
         y = self.labels(n, labels)
-        info = self.check(sampler, steps, eta, guidance)
+        info = self.check(sampler, steps, eta, guidance, guidance_rescale)
         x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
         z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
-                     guidance, self.model.null_class)
+                     guidance, self.model.null_class, guidance_rescale=guidance_rescale)
         return self.decode(z)
 
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
-                     seed: int = 0, noise=None, sampler: str = DEFAULT_SAMPLER) -> np.ndarray:
-        """The same as ``sample(n, labels, sampler, steps, 0.0, guidance, seed, noise)`` in ONE ``session.run``
-        of sampler.onnx, for a ``sampler`` of ``model.graph_samplers`` (DDIM with η = 0, DPM-Solver++(2M))."""
+                     seed: int = 0, noise=None, sampler: str = DEFAULT_SAMPLER,
+                     guidance_rescale: float = 0.0) -> np.ndarray:
+        """The same as ``sample(n, labels, sampler, steps, 0.0, guidance, seed, noise, guidance_rescale)`` in ONE
+        ``session.run`` of sampler.onnx, for a ``sampler`` of ``model.graph_samplers`` (DDIM with η = 0,
+        DPM-Solver++(2M))."""
         y = self.labels(n, labels)
-        self.check(sampler, steps, 0.0, guidance)
+        self.check(sampler, steps, 0.0, guidance, guidance_rescale)
         if sampler not in self.model.graph_samplers:
             raise ValueError(f"sampler.onnx runs {list(self.model.graph_samplers)}, not {sampler!r} "
                              "(sample() runs every sampler through the Python loop)")
@@ -236,4 +239,5 @@ class OnnxSampler:
         if y is not None:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
+            feeds["guidance_rescale"] = np.array(guidance_rescale, dtype=np.float32)
         return self._graph.run(None, feeds)[0]

@@ -3,14 +3,18 @@ ONNX graph.
 
 Inputs:  noise[B,C,H,W] float32 (x_T), y[B] int64 class ids 0..K−1, guidance[] float32 (w; 1 is plain
          conditional sampling), steps[] int64 (clamped to 1..T), method[] int64 (the index in ``GRAPH_SAMPLERS``:
-         0 DDIM, 1 DPM-Solver++(2M); any other value runs DDIM). An unconditional model has no y/guidance.
+         0 DDIM, 1 DPM-Solver++(2M); any other value runs DDIM); optional guidance_rescale[] float32 (φ of R3
+         in [0, 1], default 0: an input with an initializer, which ONNX Runtime lists among the overridable
+         initializers, not the inputs, so hosts that do not know it are unaffected). An unconditional model has
+         no y/guidance/guidance_rescale.
 Output:  images[B,c,H',W'] float32 in [0, 1], the shape vae_decoder.onnx gives (the data's own size).
 
 The graph computes the "trailing" timestep list t_i = round(T − i·T/steps), i = 0..steps−1 (in float64 as
 NumPy does, and ONNX Round and NumPy both round half to even, so it equals
 ``reference.schedules.timesteps(steps, T, "trailing")``), then runs an ONNX ``Loop`` over it whose body holds
 the U-Net's own nodes and weights (unet.onnx inlined, names prefixed ``unet/``): per step ONE U-Net call on
-[x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅) (``reference.samplers.cfg``, A9), and the step. ONNX is
+[x, x] with labels [y, null], ε̂ = ε_∅ + w(ε_y − ε_∅) (``reference.samplers.cfg``, A9), R3's rescale of the
+guided x̂_0 by the conditional one (``reference.samplers.rescale_guidance``), and the step. ONNX is
 a language of its own, so this module states the reference's formulas again, in the reference's own form:
 x̂_0 as ``reference.posterior.denoised`` (P3), x_prev = ζ·D + ξ·x_t as ``reference.posterior.ddim_coefficients``
 (P6 with η = 0; A2), with D = x̂_0 for DDIM and DPM-Solver++(2M)'s multistep D for the second method, whose
@@ -18,6 +22,9 @@ first-order coefficients are exactly DDIM's ξ and ζ (``reference.samplers.dpmp
 carries x, the last x̂_0 and the last step size h. tests/test_export.py holds the graph to the reference
 loops run by the runtime on the same noise. The loop state is float64 and every coefficient is gathered
 from float64 tables of the reference ``Schedule``, as in the NumPy runtime; the U-Net sees x cast to float32.
+A zero-terminal-SNR schedule (R2, v- or x0-prediction) needs nothing of its own: at t = T (ᾱ_T = 0) x̂_0 and
+ξ, ζ are finite, λ_T = −∞ makes h = +∞ on the first step, where DDIM's form is taken anyway, and the second
+step's q = h/(2·h_last) = 0, as in the reference loop.
 After the loop, vae_decoder.onnx's nodes (prefixed ``vae_decoder/``) decode z_0.
 """
 
@@ -66,10 +73,38 @@ def _inline(g: _Graph, model: onnx.ModelProto, prefix: str, feeds: dict) -> str:
     return sub.output[0].name
 
 
-def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction: str, multistep: str,
+def _x0(g: _Graph, tab: dict, x: str, e: str, t: str, prediction: str) -> str:
+    """x̂_0 from the model output e at x and t by P3, as ``reference.posterior.denoised``."""
+    def affine(a, b):  # a[t]·x − b[t]·e
+        return g.op("Sub", g.op("Mul", g.op("Gather", tab[a], t), x), g.op("Mul", g.op("Gather", tab[b], t), e))
+
+    if prediction == "eps":
+        return affine("sqrt_recip_alpha_bars", "sqrt_recipm1_alpha_bars")
+    if prediction == "v":
+        return affine("sqrt_alpha_bars", "sqrt_one_minus_alpha_bars")
+    return e
+
+
+def _rescale(g: _Graph, guided: str, cond: str, phi: str) -> str:
+    """R3 as ``reference.samplers.rescale_guidance``: φ·(x_cfg·r) + (1 − φ)·x_cfg with r = std(x_cond)/std(x_cfg)
+    per example over the (C, H, W) axes, and r = 1 where std(x_cfg) = 0."""
+    axes = g.const([1, 2, 3], np.int64)
+
+    def std(z):
+        d = g.op("Sub", z, g.op("ReduceMean", z, axes, keepdims=1))
+        return g.op("Sqrt", g.op("ReduceMean", g.op("Mul", d, d), axes, keepdims=1))
+
+    sd_g = std(guided)
+    ratio = g.op("Where", g.op("Equal", sd_g, g.const(0.0, g.real)), g.const(1.0, g.real),
+                 g.op("Div", std(cond), sd_g))
+    keep = g.op("Mul", g.op("Sub", g.const(1.0, g.real), phi), guided)
+    return g.op("Add", g.op("Mul", phi, g.op("Mul", guided, ratio)), keep)
+
+
+def _step(g: _Graph, tab: dict, x: str, x0: str, t: str, t_prev: str, multistep: str,
           x0_last: str, h_last: str) -> tuple[str, str, str]:
-    """One step from t to t_prev on x (float64) given the (guided) model output e (float64), in the form of
-    ``reference.posterior.denoised`` and ``ddim_coefficients``: x̂_0 by P3, ξ = √(1−ᾱ_prev)/√(1−ᾱ_t),
+    """One step from t to t_prev on x (float64) given x̂_0 (float64), in the form of ``ddim_coefficients``:
+    ξ = √(1−ᾱ_prev)/√(1−ᾱ_t),
     ζ = √ᾱ_prev − ξ√ᾱ_t, x_prev = ζ·D + ξ·x, with D = x̂_0 (DDIM, η = 0) or, where ``multistep`` (a bool) holds,
     DPM-Solver++(2M)'s D = (1 + q)·x̂_0 − q·x̂_0,last with q = h/(2 h_last), h = λ_prev − λ_t (λ = ½ log SNR),
     as ``reference.samplers.dpmpp_2m_sample``: its first-order coefficients, √(1−ᾱ_prev)/√(1−ᾱ_t) and
@@ -77,15 +112,6 @@ def _step(g: _Graph, tab: dict, x: str, e: str, t: str, t_prev: str, prediction:
     def at(table, index):
         return g.op("Gather", tab[table], index)
 
-    def affine(a, b):  # a[t]·x − b[t]·e
-        return g.op("Sub", g.op("Mul", at(a, t), x), g.op("Mul", at(b, t), e))
-
-    if prediction == "eps":
-        x0 = affine("sqrt_recip_alpha_bars", "sqrt_recipm1_alpha_bars")
-    elif prediction == "v":
-        x0 = affine("sqrt_alpha_bars", "sqrt_one_minus_alpha_bars")
-    else:
-        x0 = e
     ab_prev = at("alpha_bars", t_prev)
     room = g.op("Max", g.op("Sub", g.const(1.0, g.real), ab_prev), g.const(0.0, g.real))
     xi = g.op("Div", g.op("Sqrt", room), at("sqrt_one_minus_alpha_bars", t))
@@ -144,10 +170,13 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
         cond = body.op("Slice", out, body.const([0], np.int64), batch, body.const([0], np.int64))
         uncond = body.op("Slice", out, batch, double, body.const([0], np.int64))
         e = body.op("Add", uncond, body.op("Mul", w, body.op("Sub", cond, uncond)))
+        phi = main.op("Cast", "guidance_rescale", to=main.REAL)
+        x0 = _rescale(body, _x0(body, tab, "x", e, t, prediction), _x0(body, tab, "x", cond, t, prediction), phi)
     else:
         feeds = {"x_t": x32, "t": body.op("Expand", t, batch)}
         e = body.op("Cast", _inline(body, unet, "unet/", feeds), to=main.REAL)
-    x_prev, x0, h = _step(body, tab, "x", e, t, t_prev, prediction, multistep, "x0_last", "h_last")
+        x0 = _x0(body, tab, "x", e, t, prediction)
+    x_prev, x0, h = _step(body, tab, "x", x0, t, t_prev, multistep, "x0_last", "h_last")
     body.op("Identity", "cond", out="cond_out")
     for value, name in ((x_prev, "x_out"), (x0, "x0_out"), (h, "h_out")):
         body.op("Identity", value, out=name)
@@ -175,6 +204,9 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
         inputs += [helper.make_tensor_value_info("y", I64, ["batch"]),
                    helper.make_tensor_value_info("guidance", F32, [])]
     inputs += [helper.make_tensor_value_info("steps", I64, []), helper.make_tensor_value_info("method", I64, [])]
+    if conditional:  # optional: its initializer is the default φ = 0
+        inputs.append(helper.make_tensor_value_info("guidance_rescale", F32, []))
+        main.inits.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), "guidance_rescale"))
     out_dims = [d.dim_value for d in decoder.graph.output[0].type.tensor_type.shape.dim][1:]
     graph = helper.make_graph(main.nodes, "ldmkit_sampler", inputs,
                               [helper.make_tensor_value_info("images", F32, ["batch", *out_dims])],

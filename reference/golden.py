@@ -184,8 +184,63 @@ def sampler_trajectories(model, v_model, x_T, noise, case: dict) -> dict:
     return out
 
 
+def case_refinements() -> dict:
+    """The refinements R1–R5: Min-SNR-γ weights (R1, γ = 5, three predictions) on the linear and the
+    zero-terminal-SNR linear schedule, T = 1000; zero-terminal-SNR betas (R2) of three schedules at T = 1000
+    and T = 10; guidance rescale (R3, φ = 0.7) and dynamic thresholding (R4, p = 99.5 and 100) of fixed random
+    arrays; v conversions (R5) on the zero-terminal-SNR schedule; and whole trajectories from t = T with
+    ᾱ_T = 0 (``zero_snr_trajectories``), labels y = component, −1 = unconditional."""
+    rng = _rng("refinements")
+    lin, zero = schedules.Schedule.named("linear", 1000), schedules.Schedule.named("linear", 1000, True)
+    t = np.arange(1, 1001)
+    out = {}
+    for sname, sched in (("linear", lin), ("linear_zero_snr", zero)):
+        for pred in ("eps", "x0", "v"):
+            out[f"out/min_snr_weight/{sname}/{pred}"] = losses.min_snr_weight(t, sched, 5.0, pred)
+    for name in ("linear", "cosine", "scaled_linear"):
+        for T in (1000, 10):
+            out[f"out/zero_snr_betas/{name}/{T}"] = schedules.Schedule.named(name, T, True).betas
+    guided, cond = 3.0 * rng.standard_normal((3, 2, 4, 4)), rng.standard_normal((3, 2, 4, 4))
+    x0 = 2.0 * rng.standard_normal((3, 2, 4, 4))
+    out.update({"in/guided": guided, "in/cond": cond, "in/x0": x0,
+                "out/rescale_guidance/0.7": samplers.rescale_guidance(guided, cond, 0.7),
+                "out/dynamic_threshold/99.5": posterior.dynamic_threshold(x0, 99.5),
+                "out/dynamic_threshold/100": posterior.dynamic_threshold(x0, 100.0)})
+    d = _posterior_inputs(rng)
+    xt = forward.q_sample(d["in/x0"], d["in/t"], d["in/eps"], zero)
+    v = posterior.v_from_x0(xt, d["in/t"], d["in/x0"], zero)
+    out.update({"in/r5/x0": d["in/x0"], "in/r5/eps": d["in/eps"], "in/r5/t": d["in/t"], "out/r5/x_t": xt,
+                "out/r5/v": v, "out/r5/x0_from_v": posterior.x0_from_v(xt, d["in/t"], v, zero),
+                "out/r5/eps_from_v": posterior.eps_from_v(xt, d["in/t"], v, zero)})
+    mix = _mixture()
+    B = 6
+    case = {"in/x_T": rng.standard_normal((B, 2)), "in/y": np.array([0, 1, 2, 0, 1, 2]),
+            "in/noise": rng.standard_normal((10, B, 2)), "in/mix_weights": mix.weights, "in/mix_means": mix.means,
+            "in/mix_vars": mix.vars}
+    runs = zero_snr_trajectories(analytic.vp_model(mix, zero, "v"), analytic.vp_model(mix, zero, "x0"),
+                                 case["in/x_T"], case["in/noise"], case)
+    return {**out, **case, **{f"out/zero_snr/{name}": traj for name, traj in runs.items()}}
+
+
+def zero_snr_trajectories(v_model, x0_model, x_T, noise, case: dict) -> dict:
+    """The sampler runs of the "refinements" case: every sampler of ``samplers.SAMPLERS`` through
+    ``samplers.sample`` (10 trailing steps, starting at t = T where ᾱ_T = 0, R2) on the zero-terminal-SNR
+    linear T = 1000 schedule with a v-model, guided (w = 3) with guidance rescale φ = 0.7 (R3) and without;
+    DDIM with an x0-model. {name: final sample (B, 2)}; NumPy here, torch tensors in the engine's test."""
+    zero = schedules.Schedule.named("linear", 1000, True)
+    y, out = case["in/y"], {}
+    for name in samplers.SAMPLERS:
+        for phi in (0.0, 0.7):
+            final = samplers.sample(v_model, x_T, zero, name, 10, noise=noise, prediction="v", y=y, guidance=3.0,
+                                    null_class=-1, guidance_rescale=phi)
+            out[f"{name}/v/cfg3/rescale{phi}"] = final
+    out["ddim/x0/cfg3/rescale0.7"] = samplers.sample(x0_model, x_T, zero, "ddim", 10, prediction="x0", y=y,
+                                                     guidance=3.0, null_class=-1, guidance_rescale=0.7)
+    return out
+
+
 CASES = {"schedules": case_schedules, "forward_posterior": case_forward_posterior, "kl": case_kl,
-         "losses": case_losses, "samplers": case_samplers}
+         "losses": case_losses, "samplers": case_samplers, "refinements": case_refinements}
 
 
 def _write_npz(path: Path, arrays: dict) -> None:

@@ -126,7 +126,8 @@ def weighted_loss(eps, eps_pred, weights) -> np.ndarray:
 
 def prediction_loss_weight(t, schedule: Schedule, prediction: str = "eps") -> np.ndarray:
     """L5: the factor w(t) with ‖target − prediction‖² = w·‖ε − ε_θ‖² at a fixed x_t, when the prediction
-    is converted from ε_θ by P3: eps 1; x0 (1−ᾱ_t)/ᾱ_t = 1/SNR(t); v 1/ᾱ_t = 1 + 1/SNR(t).
+    is converted from ε_θ by P3: eps 1; x0 (1−ᾱ_t)/ᾱ_t = 1/SNR(t); v 1/ᾱ_t = 1 + 1/SNR(t). These are R5's
+    error relations ‖v − v̂‖² = (1 + 1/SNR)‖ε − ε̂‖² = (SNR + 1)‖x_0 − x̂_0‖².
 
     (x̂_0 − x_0 = √((1−ᾱ)/ᾱ)(ε − ε̂) and v̂ − v = (ε̂ − ε)/√ᾱ.) t in 1..T, shape of t; inf where ᾱ_t = 0.
     """
@@ -168,11 +169,13 @@ def prediction_loss(model_output, x0, eps, x_t, t, schedule: Schedule, predictio
 
 
 def min_snr_weight(t, schedule: Schedule, gamma: float = 5.0, prediction: str = "eps") -> np.ndarray:
-    """Min-SNR-γ loss weights (Hang et al. 2023, as in diffusers' training scripts), for the loss in the
-    model's own parameterisation: x0 min(SNR, γ); eps min(SNR, γ)/SNR; v min(SNR, γ)/(SNR + 1).
+    """R1: Min-SNR-γ loss weights (Hang et al. 2023; γ = 5 in the paper), for the loss in the model's own
+    parameterisation, SNR = SNR(t): x0 min(SNR, γ); eps min(SNR, γ)/SNR; v min(SNR, γ)/(SNR + 1).
 
-    With ``prediction_loss_weight`` (L5) every choice gives the same effective weight min(SNR, γ)/SNR on
-    the ε-loss, i.e. min(SNR, γ) on the x_0-loss. t in 1..T, gamma > 0; shape of t.
+    With the error relations of ``prediction_loss_weight`` (L5, R5) every choice is the same weight
+    min(SNR, γ) on ‖x_0 − x̂_0‖² (min(SNR, γ)/SNR on the ε-loss). At SNR = 0 (t = T of a zero-terminal-SNR
+    schedule) the x0 and v weights are 0 and the ε weight is taken as its limit 1. t in 1..T, gamma > 0;
+    shape of t.
     """
     schedule = check_schedule(schedule)
     kind = prediction_name(prediction)

@@ -22,9 +22,9 @@ from ._checks import (
 from .schedules import Schedule, check_schedule
 
 __all__ = ["PREDICTIONS", "check_ddim_eta", "check_signal", "ddim_coefficients", "ddim_posterior", "ddim_sigma",
-           "denoised", "eps_from_score", "eps_from_v", "eps_from_x0", "gaussian_product", "mean_from_eps",
-           "posterior_mean", "q_posterior", "random_walk_mean_from_eps", "random_walk_posterior", "score_from_eps",
-           "v_from_eps", "v_from_x0", "x0_eps_from_output", "x0_from_eps", "x0_from_v"]
+           "denoised", "dynamic_threshold", "eps_from_score", "eps_from_v", "eps_from_x0", "gaussian_product",
+           "mean_from_eps", "posterior_mean", "q_posterior", "random_walk_mean_from_eps", "random_walk_posterior",
+           "score_from_eps", "v_from_eps", "v_from_x0", "x0_eps_from_output", "x0_from_eps", "x0_from_v"]
 
 
 def _prep(x_t, t, value, schedule, value_name, low=1):
@@ -149,8 +149,9 @@ def x0_from_eps(x_t, t, eps, schedule: Schedule):
 def check_signal(schedule: Schedule, t) -> None:
     """ValueError where ᾱ_t = 0 (zero terminal SNR): x̂_0 from ε̂ divides by √ᾱ_t there."""
     if np.any(schedule.alpha_bars[t] == 0):
-        raise ValueError("x0_from_eps needs alpha_bar[t] > 0; "
-                         "a zero-terminal-SNR schedule needs v- or x0-prediction")
+        raise ValueError("eps-prediction cannot be used where alpha_bar[t] = 0 (zero terminal SNR, R2): "
+                         "x0 = (x_t - sqrt(1 - alpha_bar) * eps) / sqrt(alpha_bar) divides by zero there; "
+                         "use v- or x0-prediction")
 
 
 def eps_from_x0(x_t, t, x0, schedule: Schedule):
@@ -160,7 +161,7 @@ def eps_from_x0(x_t, t, x0, schedule: Schedule):
 
 
 def v_from_eps(x_t, t, eps, schedule: Schedule):
-    """P3: v = √ᾱ_t ε − √(1−ᾱ_t) x_0 with x_0 = x0(x_t, ε); equivalently (ε − √(1−ᾱ_t) x_t)/√ᾱ_t."""
+    """P3/R5: v = √ᾱ_t ε − √(1−ᾱ_t) x_0 with x_0 = x0(x_t, ε); equivalently (ε − √(1−ᾱ_t) x_t)/√ᾱ_t."""
     x_t, t, eps = _prep(x_t, t, eps, schedule, "eps")
     nd = x_t.ndim
     a, s = _tab(schedule, "sqrt_alpha_bars", t, nd), _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd)
@@ -168,19 +169,19 @@ def v_from_eps(x_t, t, eps, schedule: Schedule):
 
 
 def eps_from_v(x_t, t, v, schedule: Schedule):
-    """P3: ε = √ᾱ_t v + √(1−ᾱ_t) x_t."""
+    """P3/R5: ε̂ = √(1−ᾱ_t) x_t + √ᾱ_t v̂ (finite at ᾱ_t = 0, zero terminal SNR: ε̂ = x_t)."""
     x_t, t, v = _prep(x_t, t, v, schedule, "v")
     return denoised(v, x_t, t, schedule, "v")[1]
 
 
 def x0_from_v(x_t, t, v, schedule: Schedule):
-    """P3: x_0 = √ᾱ_t x_t − √(1−ᾱ_t) v."""
+    """P3/R5: x̂_0 = √ᾱ_t x_t − √(1−ᾱ_t) v̂ (finite at ᾱ_t = 0, zero terminal SNR: x̂_0 = −v̂)."""
     x_t, t, v = _prep(x_t, t, v, schedule, "v")
     return denoised(v, x_t, t, schedule, "v")[0]
 
 
 def v_from_x0(x_t, t, x0, schedule: Schedule):
-    """P3: v = √ᾱ_t ε − √(1−ᾱ_t) x_0 with ε = ε(x_t, x_0); equivalently (√ᾱ_t x_t − x_0)/√(1−ᾱ_t)."""
+    """P3/R5: v = √ᾱ_t ε − √(1−ᾱ_t) x_0 with ε = ε(x_t, x_0); equivalently (√ᾱ_t x_t − x_0)/√(1−ᾱ_t)."""
     x_t, t, x0 = _prep(x_t, t, x0, schedule, "x0")
     nd = x_t.ndim
     a, s = _tab(schedule, "sqrt_alpha_bars", t, nd), _tab(schedule, "sqrt_one_minus_alpha_bars", t, nd)
@@ -248,6 +249,27 @@ def denoised(model_output, x_t, t, schedule: Schedule, prediction: str, clip=Non
         x0 = x0.clip(-clip, clip)
         eps = (x_t - a * x0) / s
     return x0, eps
+
+
+def dynamic_threshold(x0, percentile: float = 99.5):
+    """R4: Imagen's dynamic thresholding of x̂_0 (Saharia et al. 2022, §2.3), per example:
+    s = max(1, the ``percentile``-th percentile of |x̂_0| over the example's entries), x̂_0 ← clip(x̂_0, −s, s)/s.
+
+    x0 (B, ...); percentile in (0, 100] (99.5 as diffusers' ``dynamic_thresholding_ratio`` 0.995; NumPy's
+    default linear interpolation between order statistics, as ``torch.quantile``). With p = 100, s is the
+    largest |x̂_0| (floored at 1): nothing is clipped and the example is only scaled into [−1, 1]; an example
+    already inside [−1, 1] is returned unchanged for every p. Returns (B, ...) in [−1, 1].
+
+    A pixel-space tool: the latents of ldmkit's models have unit variance (V1), so it is offered here, not in
+    the samplers.
+    """
+    x0 = as_float_array(x0, "x0")
+    if x0.ndim < 1 or x0.shape[0] < 1:
+        raise ValueError(f"x0 must have a leading batch axis, shape (B, ...), got {x0.shape}")
+    percentile = check_real(percentile, "percentile", 0.0, 100.0, low_open=True)
+    flat = np.abs(x0.reshape(x0.shape[0], -1))
+    s = np.maximum(1.0, np.percentile(flat, percentile, axis=1)).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return np.clip(x0, -s, s) / s
 
 
 def random_walk_posterior(x0, x_t, t):

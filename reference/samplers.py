@@ -48,6 +48,7 @@ from ._checks import (
     check_t_batch,
     check_timesteps,
     draw_noise,
+    gather,
     prediction_name,
     variance_name,
 )
@@ -75,7 +76,8 @@ __all__ = [
     "SAMPLERS", "VESDE", "VPSDE", "SamplerInfo", "annealed_langevin_sample", "cfg", "check_sampling", "class_labels",
     "ddim_sample", "ddim_step",
     "ddpm_sample", "ddpm_step", "denoiser", "dpmpp_2m_sample", "euler_sample", "heun_sample", "langevin_sample",
-    "pf_ode_sample", "random_walk_sample", "reverse_sde_sample", "reverse_sde_step", "sample", "su_sample",
+    "pf_ode_sample", "random_walk_sample", "rescale_guidance", "reverse_sde_sample", "reverse_sde_step", "sample",
+    "su_sample",
 ]
 
 ODE_METHODS = ("euler", "heun")
@@ -354,19 +356,26 @@ def ddim_sample(model, x_T, schedule: Schedule, timesteps, eta: float = 0.0, noi
 
 
 def _ode_sample(model, x_T, schedule, timesteps, prediction, y, clip, return_trajectory, second_order):
-    """EDM's sampler on dx̃/dσ = ε̂ (A5), σ = √(1/ᾱ − 1), x̃ = x/√ᾱ; Euler, or Heun except on the last step."""
+    """EDM's sampler on dx̃/dσ = ε̂ (A5), σ = √(1/ᾱ − 1), x̃ = x/√ᾱ; Euler, or Heun except on the last step.
+
+    From σ = ∞ (ᾱ_t = 0: t = T of a zero-terminal-SNR schedule, R2) x̃ is undefined; the step taken there is
+    the limit of Euler's x̃ + (σ' − σ)ε̂ = x̂_0 + σ'ε̂ (x̂_0 = x̃ − σε̂), i.e. DDIM's step, finite for v- or
+    x0-prediction. Heun's average has no such limit (its correction ½(σ' − σ)(ε̂' − ε̂) grows without bound),
+    so that step is Euler's, and Heun makes one model call fewer."""
     schedule = check_schedule(schedule)
     ts = _step_list(timesteps, schedule)
-    if schedule.alpha_bars[ts[0]] == 0:
-        raise ValueError("the first timestep has alpha_bar = 0 (sigma = inf): the sigma-ODE cannot start there; "
-                         "use ddim_sample or dpmpp_2m_sample, or start at a timestep below T")
     x = _state(x_T)
-    D = denoiser(model, schedule, prediction, y, clip)
+    D = denoiser(model, schedule, prediction, y, clip, t_max=ts[0])
     sig = schedule.sqrt_recipm1_alpha_bars.tolist()  # σ(0) = 0
     root = schedule.sqrt_alpha_bars.tolist()  # √ᾱ_0 = 1
     traj = _Trajectory(x, return_trajectory)
-    xt = x / root[ts[0]]
+    xt = None if root[ts[0]] == 0 else x / root[ts[0]]
     for t, t_next in zip(ts, [*ts[1:], 0], strict=True):
+        if xt is None:  # σ_t = ∞
+            x0, d = D(x, t)
+            xt = x0 + sig[t_next] * d
+            traj.add(xt * root[t_next])
+            continue
         _, d = D(xt * root[t], t)
         h = sig[t_next] - sig[t]
         x_euler = xt + h * d
@@ -395,7 +404,8 @@ def heun_sample(model, x_T, schedule: Schedule, timesteps, prediction: str = "ep
         x̃' = x̃_i + (σ_{i+1} − σ_i) ε̂(x̃_i; σ_i),  x̃_{i+1} = x̃_i + (σ_{i+1} − σ_i)·½(ε̂(x̃_i; σ_i) + ε̂(x̃'; σ_{i+1})).
 
     The model is evaluated only at grid timesteps (2N − 1 calls for N timesteps); the last step, to σ = 0,
-    is Euler, as in EDM, and returns x̂_0. The trajectory holds x = √ᾱ·x̃ at each grid point.
+    is Euler, as in EDM, and returns x̂_0. The trajectory holds x = √ᾱ·x̃ at each grid point. From t = T of a
+    zero-terminal-SNR schedule (σ = ∞) the first step is Euler's limit, DDIM's step (2N − 2 calls).
     Shapes as ``ddim_sample``.
     """
     return _ode_sample(model, x_T, schedule, timesteps, prediction, y, clip, return_trajectory, True)
@@ -411,6 +421,11 @@ def dpmpp_2m_sample(model, x_T, schedule: Schedule, timesteps, prediction: str =
 
     the last step, to t = 0, returns x̂_0 (as k-diffusion when σ_next = 0). One model call per timestep.
     This VP form is k-diffusion's x̃ = x/√ᾱ form multiplied through by √ᾱ_{i+1}. Shapes as ``ddim_sample``.
+
+    From t = T of a zero-terminal-SNR schedule (R2: ᾱ_T = 0, λ_T = −∞) the first h is +∞: the step is
+    √(1−ᾱ_{i+1})·x_T + √ᾱ_{i+1}·x̂_0 (expm1(−∞) = −1), DDIM's step, and on the second step r = h_{i−1}/h = ∞
+    makes the correction 1/(2r) vanish: its first-order step, the limit of 2M as ᾱ_T → 0 (diffusers instead
+    moves ᾱ_T to 2^−24). v- or x0-prediction only there.
     """
     schedule = check_schedule(schedule)
     ts = _step_list(timesteps, schedule)
@@ -511,7 +526,8 @@ class SamplerInfo:
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddim": SamplerInfo(ddim_sample, stochastic=False, eta=True, model_calls=lambda n: n),  # A2
     "ddpm": SamplerInfo(ddpm_sample, stochastic=True, eta=False, model_calls=lambda n: n),  # A1, respaced steps
-    "heun": SamplerInfo(heun_sample, stochastic=False, eta=False, model_calls=lambda n: 2 * n - 1),  # A5
+    # A5; 2N − 2 calls from t = T of a zero-terminal-SNR schedule (its first step is Euler's, see heun_sample)
+    "heun": SamplerInfo(heun_sample, stochastic=False, eta=False, model_calls=lambda n: 2 * n - 1),
     "dpmpp2m": SamplerInfo(dpmpp_2m_sample, stochastic=False, eta=False, model_calls=lambda n: n),  # A5
 }
 """The samplers offered by name (``ldmkit sample --sampler``, the engine's ``generate``, the ONNX runtime)."""
@@ -525,10 +541,11 @@ def sampler_info(name: str) -> SamplerInfo:
 
 
 def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float = 0.0, guidance=None,
-                   null_class=None) -> SamplerInfo:
+                   null_class=None, guidance_rescale: float = 0.0) -> SamplerInfo:
     """The checks of ``sample``, for a caller that draws noise first: the sampler's row, or ValueError naming
     the argument (an unknown sampler, steps outside 1..T, η < 0 or η with a sampler that has none, guidance
-    below 0 or for an unconditional model, ``null_class`` None)."""
+    below 0 or for an unconditional model, ``null_class`` None, a guidance rescale φ outside [0, 1] or for an
+    unconditional model)."""
     info = sampler_info(sampler)
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= schedule.T:
         raise ValueError(f"steps must be in 1..{schedule.T} (the model's T), got {num_steps!r}")
@@ -542,6 +559,10 @@ def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float 
             raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
         if not _nonnegative(guidance):
             raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+    if not _nonnegative(guidance_rescale) or guidance_rescale > 1:
+        raise ValueError(f"guidance rescale must be in [0, 1], got {guidance_rescale!r}")
+    if guidance_rescale > 0 and null_class is None:
+        raise ValueError("guidance rescale was given but the model is unconditional (it rescales guidance)")
     return info
 
 
@@ -574,18 +595,19 @@ def class_labels(n: int, num_classes: int, labels=None):
 
 def sample(model, x_T, schedule: Schedule, sampler: str = DEFAULT_SAMPLER, num_steps: int = DEFAULT_STEPS,
            eta: float = 0.0, noise=None, prediction: str = "eps", y=None, guidance=None, null_class=None,
-           spacing: str = SPACING):
+           spacing: str = SPACING, guidance_rescale: float = 0.0):
     """The sampling call shared by the engine and the ONNX runtime: ``SAMPLERS[sampler]`` over
     ``timesteps(num_steps, T, spacing)`` ("trailing": it starts at t = T) from x_T, returning x_0.
 
     With labels ``y`` and ``guidance`` w other than None or 1, the model is guided (``cfg``, A9: one batched
-    call on 2B per model call, labels [y, null_class]); None or 1 is plain conditional sampling.
+    call on 2B per model call, labels [y, null_class]), with its x̂_0 rescaled by ``guidance_rescale`` φ (R3;
+    0: none); None or 1 is plain conditional sampling (where R3 is the identity).
     ``noise``: the loop noise (num_steps, *x_T.shape), used only where the call is stochastic (ddpm, or ddim
     with η > 0) and then required. NumPy arrays or torch tensors, as every loop here.
     """
-    info = check_sampling(schedule, sampler, num_steps, eta, guidance, null_class)
+    info = check_sampling(schedule, sampler, num_steps, eta, guidance, null_class, guidance_rescale)
     if y is not None and guidance is not None and guidance != 1.0:
-        model = cfg(model, guidance, null_class)
+        model = cfg(model, guidance, null_class, guidance_rescale, schedule, prediction)
     extra = {"eta": eta} if info.eta else {}
     if info.stochastic or eta > 0:
         extra["noise"] = noise
@@ -815,7 +837,8 @@ def annealed_langevin_sample(score_fn, x, sigmas, step_size: float, steps_per_le
 # classifier-free guidance (A9)
 # --------------------------------------------------------------------------------------------------------
 
-def cfg(model, guidance: float, null_class: int):
+def cfg(model, guidance: float, null_class: int, rescale: float = 0.0, schedule: Schedule | None = None,
+        prediction: str = "eps"):
     """A9: classifier-free guidance as a model callable ``guided(x_t, t, y)``:
 
         ε̂ = ε(x, ∅) + w·(ε(x, y) − ε(x, ∅)),  w = ``guidance`` ≥ 0 (w = 0 unconditional, w = 1 conditional),
@@ -824,12 +847,26 @@ def cfg(model, guidance: float, null_class: int):
     applied to x0- or v-outputs, which are affine in ε with coefficients fixed by (x_t, t), so guidance
     commutes with the prediction type. y (labels, (B,) or a scalar, NumPy) is required. Shapes: x_t (B, ...),
     a NumPy array or a torch tensor; t (B,) or a scalar; returns (B, ...) of x_t's kind.
+
+    ``rescale`` φ in [0, 1] (R3, Lin et al. 2024): the guided prediction is rescaled in x̂_0 space, whatever
+    the model predicts: x̂_0 of the guided and of the conditional output (P3 on ``schedule``, the model's own,
+    whose table the model's timesteps t index; read as ``prediction``), then ``rescale_guidance``, then back
+    to the model's prediction type. x̂_0 is what over-saturates at high w; rescaling it keeps the result
+    independent of the parameterisation (diffusers rescales the raw output instead, ε for an ε-model, where
+    std(ε̂) ≈ 1 at every t, see docs/diffusers.md). φ = 0 is plain guidance, computed as before.
     """
     _callable(model, "model")
     w = check_real(guidance, "guidance", 0.0)
+    phi = check_real(rescale, "rescale", 0.0, 1.0)
     if isinstance(null_class, bool) or not isinstance(null_class, (numbers.Integral, np.integer)):
         raise TypeError(f"null_class must be an integer label, got {type(null_class).__name__}")
     null_class = int(null_class)
+    if phi > 0:
+        schedule = check_schedule(schedule)
+        kind = prediction_name(prediction)
+        if not np.array_equal(schedule.timestep_map, np.arange(schedule.T + 1)):
+            raise ValueError("cfg's schedule must be the model's own, not a respaced one: the model's timesteps "
+                             "index it")
 
     def guided(x_t, t, y=None):
         if y is None:
@@ -841,6 +878,43 @@ def cfg(model, guidance: float, null_class: int):
         out = _call(model, "model", _library(x).concatenate([x, x]), np.concatenate([t2, t2]),
                     np.concatenate([y2, np.full((B,), null_class, dtype=y2.dtype)]), shape=(2 * B, *x.shape[1:]))
         cond, uncond = out[:B], out[B:]
-        return uncond + w * (cond - uncond)
+        g = uncond + w * (cond - uncond)
+        if phi == 0:
+            return g
+        tt = int(t2[0]) if np.all(t2 == t2[0]) else t2  # an int serves NumPy and torch alike
+        x0_g, _ = denoised(g, x, tt, schedule, kind)
+        x0_c, _ = denoised(cond, x, tt, schedule, kind)
+        return _output_from_x0(rescale_guidance(x0_g, x0_c, phi), x, tt, schedule, kind)
 
     return guided
+
+
+def _output_from_x0(x0, x_t, t, schedule: Schedule, prediction: str):
+    """P3, the inverse of ``posterior.denoised`` for a given x̂_0: the output of type ``prediction`` that gives
+    it, x0 itself; ε = (x_t − √ᾱ_t x_0)/√(1−ᾱ_t); v = (√ᾱ_t x_t − x_0)/√(1−ᾱ_t). t as in ``denoised``."""
+    if prediction == "x0":
+        return x0
+    nd = x_t.ndim
+    a, s = gather(schedule.sqrt_alpha_bars, t, nd), gather(schedule.sqrt_one_minus_alpha_bars, t, nd)
+    return (x_t - a * x0) / s if prediction == "eps" else (a * x_t - x0) / s
+
+
+def _std(x):
+    """Per-example standard deviation over all but the batch axis (NumPy or torch), shape (B,)."""
+    f = x.reshape(x.shape[0], -1)
+    d = f - f.mean(1)[:, None]
+    return (d * d).mean(1) ** 0.5
+
+
+def rescale_guidance(guided, cond, phi: float):
+    """R3: Lin et al.'s guidance rescale (2024, eq. 15–16), per example: with x_cfg = ``guided`` (A9's
+    combination) and x_cond = ``cond``, x_rescaled = x_cfg·std(x_cond)/std(x_cfg), and the result is
+    φ·x_rescaled + (1 − φ)·x_cfg. std over all but the batch axis (the N or N − 1 of its variance cancels in
+    the ratio). φ = 0 gives x_cfg; an example with std(x_cfg) = 0 (constant) is returned unchanged.
+
+    guided, cond: (B, ...), NumPy arrays or torch tensors; phi a float (checked by ``cfg``). Returns (B, ...).
+    """
+    zero = _std(guided) == 0
+    ratio = (_std(cond) * ~zero + zero) / (_std(guided) + zero)  # 1 where std(x_cfg) = 0
+    ratio = ratio.reshape((guided.shape[0],) + (1,) * (guided.ndim - 1))
+    return phi * (guided * ratio) + (1.0 - phi) * guided

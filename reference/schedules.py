@@ -56,19 +56,22 @@ def su_betas(T: int) -> np.ndarray:
 
 
 def rescale_zero_terminal_snr(betas) -> np.ndarray:
-    """Lin et al.'s zero-terminal-SNR rescale of β_1..β_T; shape (T,).
+    """R2: Lin et al.'s zero-terminal-SNR rescale of β_1..β_T (their Alg. 1); shape (T,), T ≥ 2.
 
-    s = √ᾱ; s ← (s − s_T)·s_1/(s_1 − s_T); ᾱ = s². The result has ᾱ_T = 0 (β_T = 1) and the same β_1.
-    Only v- or x0-prediction can be sampled from such a schedule (ε-prediction divides by √ᾱ_T = 0).
+    With s_t = √ᾱ_t: s′_t = s_1·(s_t − s_T)/(s_1 − s_T), ᾱ′_t = s′_t², β′_t = 1 − ᾱ′_t/ᾱ′_{t−1}. So ᾱ′_T = 0
+    (β′_T = 1) exactly; β′_1 = β_1 is kept as given (1 − s_1² would round it), so ᾱ′_1 = ᾱ_1 exactly and
+    √ᾱ′_1 = √ᾱ_1; √ᾱ′ is an increasing affine image of √ᾱ, so ᾱ′ decreases strictly where ᾱ does. Only v- or
+    x0-prediction can be sampled from such a schedule: ε-prediction's x̂_0 = (x_T − √(1−ᾱ_T) ε̂)/√ᾱ_T divides
+    by √ᾱ′_T = 0 (``posterior.check_signal``; diffusers lets it, docs/anchors.md).
     """
     b = _check_betas(betas, allow_last_one=False)
-    s = np.sqrt(np.cumprod(1.0 - b))
     if b.size < 2:
         raise ValueError("betas must have at least 2 entries to rescale to zero terminal SNR")
-    s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    s = np.sqrt(np.cumprod(1.0 - b))
+    s = s[0] * ((s - s[-1]) / (s[0] - s[-1]))
     ab = s**2
     out = np.empty_like(b)
-    out[0] = 1.0 - ab[0]
+    out[0] = b[0]
     out[1:] = 1.0 - ab[1:] / ab[:-1]
     return out
 
@@ -138,13 +141,17 @@ class Schedule:
         return cls(betas=full, timestep_map=tmap)
 
     @classmethod
-    def named(cls, name: str, T: int = 1000) -> Schedule:
-        """A named schedule: 'linear' (S1), 'linear_ldm' (S2), 'cosine' (S3), 'scaled_linear' (S5), 'su' (S4)."""
+    def named(cls, name: str, T: int = 1000, zero_terminal_snr: bool = False) -> Schedule:
+        """A named schedule: 'linear' (S1), 'linear_ldm' (S2), 'cosine' (S3), 'scaled_linear' (S5), 'su' (S4);
+        with ``zero_terminal_snr`` its betas rescaled to ᾱ_T = 0 (R2, ``rescale_zero_terminal_snr``; T ≥ 2)."""
         makers = {"linear": linear_betas, "linear_ldm": lambda n: linear_betas(n, 0.001, 0.02),
                   "cosine": cosine_betas, "scaled_linear": scaled_linear_betas, "su": su_betas}
         if name not in makers:
             raise ValueError(f"schedule name must be one of {list(SCHEDULE_NAMES)}, got {name!r}")
-        return cls.from_betas(makers[name](T))
+        if not isinstance(zero_terminal_snr, (bool, np.bool_)):
+            raise TypeError(f"zero_terminal_snr must be a bool, got {type(zero_terminal_snr).__name__}")
+        betas = makers[name](T)
+        return cls.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     def __post_init__(self):
         b = self.betas

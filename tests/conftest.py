@@ -122,3 +122,33 @@ def onnx_artifacts(tiny_checkpoints):
     with one_torch_thread():
         return {"cond": export_onnx(tiny_checkpoints["cond"], steps=8, log=lambda line: None),
                 "uncond": export_onnx(tiny_checkpoints["uncond"], opset=20, steps=40, log=lambda line: None)}
+
+
+@pytest.fixture(scope="session")
+def zero_snr_artifact(tmp_path_factory):
+    """(checkpoint path, its ONNX artifact folder (6 default steps)): a tiny class-conditional checkpoint made as
+    ``tiny_checkpoints`` makes its own, with v-prediction on the zero-terminal-SNR linear schedule (R2), T = 50."""
+    for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(name)
+    import torch
+
+    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
+    from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
+    from ldmkit.engine.models import VAE, UNet
+    from ldmkit.export.onnx_export import export_onnx
+
+    config = Config(vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4),
+                    diffusion=DiffusionConfig(T=50, prediction="v", zero_terminal_snr=True, min_snr_gamma=5.0),
+                    latent_shape=(2, 8, 8), latent_scale=1.3,
+                    unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
+                                    num_heads=2, num_classes=10, groups=4))
+    torch.manual_seed(2)
+    nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
+    with torch.no_grad():
+        for p in (p for net in nets for p in net.parameters() if not p.any()):
+            p.normal_(0.0, 0.1)
+    path = tmp_path_factory.mktemp("zero_snr") / "checkpoint.pt"
+    vae_state, unet_state = (net.state_dict() for net in nets)
+    save_checkpoint(path, make_checkpoint(config, vae_state, unet_state, unet_state))
+    with one_torch_thread():
+        return path, export_onnx(path, steps=6, log=lambda line: None)

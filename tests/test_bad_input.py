@@ -102,7 +102,7 @@ CASES = [
      ValueError, r"means must have shape"),
     ("P3 x0_from_eps shape", lambda: posterior.x0_from_eps(X, 1, np.zeros(3), S), ValueError, r"x_t and eps"),
     ("P3 x0_from_eps zero SNR", lambda: posterior.x0_from_eps(X, 10, X, ZSNR), ValueError,
-     r"alpha_bar\[t\] > 0.*v- or x0-prediction"),
+     r"alpha_bar\[t\] = 0.*divides by zero.*v- or x0-prediction"),
     ("P3 v_from_eps t = 0", lambda: posterior.v_from_eps(X, 0, X, S), ValueError, r"\bt must be in"),
     ("P3 eps_from_v shape", lambda: posterior.eps_from_v(X, 1, np.zeros((2, 2)), S), ValueError, r"x_t and v"),
     ("P3 unknown prediction", lambda: posterior.x0_eps_from_output(X, X, 1, S, prediction="noise"), ValueError,

@@ -149,3 +149,22 @@ def test_bad_input():
         samplers.ddim_sample(D.torch_model(lambda a, b, c: a[:1]), x, SCHED, [5, 1])
     with pytest.raises(ValueError, match="eta must be in"):
         samplers.ddim_sample(model, x, SCHED, [5, 1], eta=-1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_zero_snr_runs_on_torch_match_golden_R2_R3(dtype, device):
+    """R2/R3 on torch: every golden run from t = T of the zero-terminal-SNR schedule (``golden.zero_snr_trajectories``:
+    each product sampler, v- and x0-models, guidance 3 with rescale 0.7 and without) repeated on torch tensors:
+    to 1e-10 in float64, within FLOAT32_ATOL in float32."""
+    case = golden.load(GOLDEN, "refinements")
+    mix = analytic.GaussianMixtureData(case["in/mix_weights"], case["in/mix_means"], case["in/mix_vars"])
+    zero = schedules.Schedule.named("linear", 1000, zero_terminal_snr=True)
+    v_model, x0_model = (np_as_torch_model(analytic.vp_model(mix, zero, prediction=p)) for p in ("v", "x0"))
+    x_T, noise = (torch.tensor(case[k], dtype=dtype, device=device) for k in ("in/x_T", "in/noise"))
+    runs = golden.zero_snr_trajectories(v_model, x0_model, x_T, noise, case)
+    assert sorted(runs) == sorted(k[len("out/zero_snr/"):] for k in case if k.startswith("out/zero_snr/"))
+    for name, out in runs.items():
+        assert isinstance(out, torch.Tensor) and out.dtype == dtype, name
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=0, atol=FLOAT32_ATOL)
+        np.testing.assert_allclose(out.cpu().numpy(), case[f"out/zero_snr/{name}"], err_msg=name, **tol)

@@ -56,18 +56,20 @@ def test_node_example_matches_python(onnx_artifacts, tmp_path):
     assert runner.model.image_shape == (1, 27, 22) and "images [12,1,27,22]" in run.stdout  # the data's size
     node = np.fromfile(f"{out}.f32", dtype="<f4").reshape(12, *runner.model.image_shape)
     labels = np.arange(12) % 10
-    graph = runner.sample_graph(12, labels, steps=6, guidance=2.5, noise=(x_T, None))
-    python = runner.sample(12, labels, steps=6, guidance=2.5, noise=(x_T, None))
+    default = runner.model.defaults.sampler  # what sample.js runs when not told
+    other = next(s for s in runner.model.graph_samplers if s != default)
+    graph = runner.sample_graph(12, labels, steps=6, guidance=2.5, noise=(x_T, None), sampler=default)
+    python = runner.sample(12, labels, default, steps=6, guidance=2.5, noise=(x_T, None))
     assert np.abs(node - graph).max() <= 1e-5
     assert np.abs(node - python).max() <= 1e-4
     want = np.round(make_grid(python, nrow=10)[0] * 255)
     assert np.abs(png_pixels(out.read_bytes()).astype(np.float64) - want).max() <= 1
     run = subprocess.run(["node", "sample.js", str(onnx_artifacts["cond"]), "noise.npy", str(out), "--steps", "6",
-                          "--guidance", "2.5", "--sampler", "dpmpp2m"], cwd=work, capture_output=True, text=True,
+                          "--guidance", "2.5", "--sampler", other], cwd=work, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     node = np.fromfile(f"{out}.f32", dtype="<f4").reshape(12, *runner.model.image_shape)
-    python = runner.sample(12, labels, "dpmpp2m", steps=6, guidance=2.5, noise=(x_T, None))
+    python = runner.sample(12, labels, other, steps=6, guidance=2.5, noise=(x_T, None))
     assert np.abs(node - python).max() <= 1e-4 and np.abs(node - graph).max() > 1e-3  # another method
     bad = subprocess.run(["node", "sample.js", str(tmp_path / "missing"), "noise.npy", str(out)], cwd=work,
                          capture_output=True, text=True, timeout=60)

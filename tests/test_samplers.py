@@ -219,8 +219,9 @@ def test_respaced_ddpm_calls_model_with_parent_timesteps_S8():
 
 def test_zero_terminal_snr_needs_v_prediction():
     """docs/anchors.md: on a zero-terminal-SNR schedule ε-prediction divides by √ᾱ_T = 0 (ValueError at t = T),
-    while v-prediction samples; with x_T at the exact marginal mean (0) and no noise, DDPM, DDIM and
-    DPM-Solver++ return the Gaussian data mean exactly (the discrete samplers propagate the mean exactly)."""
+    while v-prediction samples; with x_T at the exact marginal mean (0) and no noise, DDPM, DDIM, Heun and
+    DPM-Solver++ return the Gaussian data mean exactly (the samplers propagate the mean exactly). Heun refuses
+    ε-prediction there too (tests/test_refinements.py holds the first steps at σ = ∞ to their formulas)."""
     zt = Schedule.from_betas(rescale_zero_terminal_snr(linear_betas(T)))
     assert zt.alpha_bars[T] == 0.0
     x = np.zeros((2, 2))
@@ -234,10 +235,11 @@ def test_zero_terminal_snr_needs_v_prediction():
     sub = respace(zt, ts)
     zeros = np.zeros((50, 2, 2))
     for out in (S.ddim_sample(v, x, zt, ts, prediction="v"), S.ddim_sample(v, x, zt, ts, 1.0, zeros, "v"),
-                S.dpmpp_2m_sample(v, x, zt, ts, "v"), S.ddpm_sample(v, x, sub, "beta", zeros, "v")):
+                S.dpmpp_2m_sample(v, x, zt, ts, "v"), S.ddpm_sample(v, x, sub, "beta", zeros, "v"),
+                S.heun_sample(v, x, zt, ts, "v")):
         close(out, np.broadcast_to(GAUSS.mean, x.shape), 1e-9)
-    with pytest.raises(ValueError, match="sigma"):
-        S.heun_sample(v, x, zt, ts, "v")
+    with pytest.raises(ValueError, match="alpha_bar"):
+        S.heun_sample(vp_model(GAUSS, zt, "eps"), x, zt, ts)
     with pytest.raises(ValueError, match="zero-terminal-SNR"):
         S.su_sample(v, x, zt, None, "zero", "v")
 

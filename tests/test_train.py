@@ -286,6 +286,7 @@ def test_trained_on_28x28_digits_samples_are_28x28_everywhere(digits, tmp_path):
     for name in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
     from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
+    from ldmkit.export.manifest import FORMAT_VERSION
     from ldmkit.export.onnx_export import export_onnx
     from ldmkit.export.runtime import OnnxSampler
 
@@ -319,7 +320,7 @@ def test_trained_on_28x28_digits_samples_are_28x28_everywhere(digits, tmp_path):
 
     art = export_onnx(path, tmp_path / "onnx", steps=3, log=lambda line: None)
     manifest = json.loads((art / "sampler.json").read_text())
-    assert manifest["model"]["image_shape"] == [1, 28, 28] and manifest["format"]["version"] == 2
+    assert manifest["model"]["image_shape"] == [1, 28, 28] and manifest["format"]["version"] == FORMAT_VERSION
     sampler = OnnxSampler(art, provider="cpu")
     z = noise[0].numpy()
     with torch.inference_mode():
@@ -327,7 +328,7 @@ def test_trained_on_28x28_digits_samples_are_28x28_everywhere(digits, tmp_path):
     decoded = sampler.decode(z)
     assert decoded.shape == (4, 1, 28, 28) and np.abs(decoded - full[..., 2:30, 2:30]).max() <= 1e-4
     python = sampler.sample(4, [0, 1, 2, 3], "ddim", 3, noise=(z, None))
-    graph = sampler.sample_graph(4, [0, 1, 2, 3], 3, noise=(z, None))
+    graph = sampler.sample_graph(4, [0, 1, 2, 3], 3, noise=(z, None), sampler="ddim")
     assert python.shape == graph.shape == (4, 1, 28, 28)
     assert np.abs(python - new_images).max() <= 1e-4 and np.abs(graph - new_images).max() <= 1e-4
     result = runner.invoke(main, ["sample", str(art), "--graph", "-n", "3", "--steps", "2", "-o",

@@ -310,12 +310,14 @@ class SamplerChoice(click.Choice):
 @click.option("--class", "class_id", type=int, default=None, help="Class id (default: all classes in turn).")
 @click.option("--guidance", type=float, default=None,
               help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
+@click.option("--guidance-rescale", type=float, default=None,
+              help="Guidance rescale phi in [0, 1] (Lin et al.; default 0, or the ONNX folder's default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--graph", is_flag=True, help="ONNX folder only: one run of sampler.onnx (ddim or dpmpp2m, eta 0).")
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="grid.png (a grid) or images.npy (float32 (N, C, H, W) in [0, 1]).")
-def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output):
+def sample(source, n, steps, sampler, eta, class_id, guidance, guidance_rescale, seed, device, graph, output):
     """Sample images from SOURCE, a checkpoint.pt or an ONNX folder.
 
     A checkpoint samples with the torch engine; a folder written by `ldmkit export onnx` with NumPy and ONNX
@@ -327,7 +329,8 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, gra
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist (pass a checkpoint.pt or an ONNX artifact folder)")
     if source.is_dir():
-        _sample_onnx(source, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output)
+        _sample_onnx(source, n, steps, sampler, eta, class_id, guidance, guidance_rescale, seed, device, graph,
+                     output)
         return
     if graph:
         raise ValueError("--graph runs sampler.onnx: pass an ONNX artifact folder (ldmkit export onnx), "
@@ -344,12 +347,13 @@ def sample(source, n, steps, sampler, eta, class_id, guidance, seed, device, gra
     if guidance is None and k:
         guidance = DEFAULT_GUIDANCE
     with torch.inference_mode():
-        images = generate(config, vae, unet, n, class_id, sampler, steps, eta, guidance, seed)
+        images = generate(config, vae, unet, n, class_id, sampler, steps, eta, guidance, seed,
+                          guidance_rescale=guidance_rescale or 0.0)
     write_images(output, images, nrow=k if k and class_id is None else 8)
     click.echo(f"wrote {n} images to {output}")
 
 
-def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, device, graph, output):
+def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, guidance_rescale, seed, device, graph, output):
     """`ldmkit sample DIR`: the torch-free runtime (ldmkit.export.runtime) on an exported artifact."""
     from ldmkit.export.runtime import OnnxSampler
     from ldmkit.images import write_images
@@ -358,12 +362,15 @@ def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, seed, devic
     k = runner.num_classes
     if guidance is None and k:
         guidance = runner.model.defaults.guidance
+    if guidance_rescale is None:
+        guidance_rescale = runner.model.defaults.guidance_rescale if k else 0.0
     if graph:
         if eta != 0:
             raise ValueError(f"--graph runs sampler.onnx, whose samplers have no eta (got --eta {eta})")
-        images = runner.sample_graph(n, class_id, steps, guidance, seed, sampler=sampler)
+        images = runner.sample_graph(n, class_id, steps, guidance, seed, sampler=sampler,
+                                     guidance_rescale=guidance_rescale)
     else:
-        images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed)
+        images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed, guidance_rescale=guidance_rescale)
     write_images(output, images, nrow=k if k and class_id is None else 8)
     click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider}{', sampler.onnx' if graph else ''})")
 
