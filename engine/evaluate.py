@@ -171,6 +171,7 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
         train_x, test_x = (center_crop(x, config.output_size) for x in (train_x, test_x))
         result.update(class_fidelity(samples, labels, train_x, train_y, test_x, test_y))
         result["sampler"] = f"{sampler} {steps} steps, guidance {guidance if k else 'none'}"
-        result.update({"quality_sampler": sampler, "quality_steps": steps, "quality_guidance": guidance})
+        result.update({"quality_sampler": sampler, "quality_steps": steps, "quality_guidance": guidance,
+                       "quality_guidance_rescale": guidance_rescale if k else 0.0})
         result.update(sample_quality(samples, labels, train_x, train_y, test_x, test_y, k))
     return result

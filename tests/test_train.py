@@ -199,7 +199,7 @@ def test_sample_from_bad_checkpoints(tmp_path):
 def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint), "--nll-images", "3", "--per-class", "2",
-                                       "-o", str(out)])
+                                       "--guidance-rescale", "0.5", "-o", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["nll_images"] == 3 and report["nll_dims"] == 32 * 32
@@ -208,7 +208,8 @@ def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     assert report["recon_psnr_db"] == pytest.approx(10 * np.log10(1 / report["recon_mse"]))
     assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
     assert report["sampler"] == "dpmpp2m 10 steps, guidance 2.0" and report["samples"] == 20
-    assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"]) == ("dpmpp2m", 10, 2.0)
+    assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"],
+            report["quality_guidance_rescale"]) == ("dpmpp2m", 10, 2.0, 0.5)
     assert 0 <= report["quality_accuracy"] <= 1 and report["quality_samples"] == 20
     assert report["quality_fd"] >= 0 and report["quality_fd_floor"] > 0
     assert report["quality_fd_ratio"] == pytest.approx(report["quality_fd"] / report["quality_fd_floor"])

@@ -415,11 +415,13 @@ def export_onnx_command(checkpoint, out, opset, steps, force, precision):
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True)
 @click.option("--guidance", type=float, default=None,
               help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True,
+              help="Guidance rescale phi in [0, 1] (Lin et al.).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON file to write (default: eval.json beside the checkpoint).")
-def evaluate(checkpoint, nll_images, per_class, sampler, steps, guidance, seed, device, output):
+def evaluate(checkpoint, nll_images, per_class, sampler, steps, guidance, guidance_rescale, seed, device, output):
     """Test NLL (bits/dim, through the reference VLB), VAE reconstruction, sample statistics and sample quality
     against the held-out test split (a classifier's accuracy; Fréchet distance, its real-vs-real floor, the
     ratio)."""
@@ -436,7 +438,8 @@ def evaluate(checkpoint, nll_images, per_class, sampler, steps, guidance, seed, 
         raise FileNotFoundError(f"output folder {output.parent} does not exist")
     ckpt = load_checkpoint(checkpoint)
     with torch.inference_mode():
-        result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed, sampler, steps, guidance)
+        result = run_eval(ckpt, resolve_device(device), nll_images, per_class, seed, sampler, steps, guidance,
+                          guidance_rescale)
     for key, value in result.items():
         click.echo(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     with atomic_write(output, binary=False) as f:
