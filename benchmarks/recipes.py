@@ -32,7 +32,7 @@ from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, to_plain
 from ldmkit.engine import config as C
 from ldmkit.engine import quality
 from ldmkit.engine.checkpoint import load_checkpoint
-from ldmkit.engine.data import load_dataset
+from ldmkit.engine.data import center_crop, load_dataset
 from ldmkit.engine.sample import models_from_checkpoint
 from ldmkit.engine.train import train
 
@@ -90,8 +90,10 @@ def main() -> None:
     print(f"# {platform.node()} {datetime.datetime.now().isoformat(timespec='seconds')}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} on {torch.get_num_threads()} threads; sampler {DEFAULT_SAMPLER}, "
           f"{DEFAULT_STEPS} steps, {args.samples} samples per row", flush=True)
-    train_x, train_y, _ = load_dataset(spec, "train", size, k)
+    train_x, train_y, data = load_dataset(spec, "train", size, k)
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
+    # the samples come at the data's own size: the real images are measured at that size too
+    train_x, test_x = (center_crop(x, tuple(data["content_size"])) for x in (train_x, test_x))
     reference = quality.build_reference((train_x + 1) / 2, train_y, (test_x + 1) / 2, test_y, k)
     floor, floor_images, floor_sets = quality.fd_floor(reference, args.samples)
     print(f"# classifier: accuracy {reference.held_out_accuracy:.3f} on the held-out split; FD floor {floor:.3f} "
