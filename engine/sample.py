@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, check_stages, sampling_stages
 from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import Schedule
 
@@ -57,5 +57,8 @@ def generate(config: Config, vae: VAE, unet: UNet, n: int, labels=None, sampler:
     x_T, loop = noise if noise is not None else sample_noise(config, n, steps, seed)
     z = R.sample(torch_model(unet), x_T.to(device), schedule, sampler, steps, eta, loop.to(device),
                  config.diffusion.prediction, y, guidance, null_class)
-    images = vae.decode(z * config.latent_scale)
+    scaled = z * config.latent_scale
+    images = vae.decode(scaled)
+    check_stages(sampling_stages(config.latent_scale, sampler, guidance),
+                 [bool(torch.isfinite(v).all()) for v in (z, scaled, images)])
     return ((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()

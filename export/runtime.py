@@ -12,8 +12,10 @@ The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
   sampler.json      schedule (alpha_bars, math-indexed, length T+1), prediction type, shapes, classes, defaults,
                     the input/output names of each graph and the sha256 of each file.
 
-``OnnxSampler`` checks all of it on load (format, keys and types, the schedule table against the reference,
-the sha256 of each file, each graph's declared inputs/outputs and its ldmkit metadata) and samples with the
+``OnnxSampler`` checks all of it on load (format, keys, types and bounds, the schedule table against the
+reference, the sha256 of each file, each graph's declared inputs/outputs, shapes and ldmkit metadata, and that
+sampler.onnx parses and carries exactly the weights of unet.onnx and vae_decoder.onnx, so the one set of hashes
+covers every path) and samples with the
 reference's own loops (``ldmkit.reference.samplers``): the ONNX U-Net is wrapped as a NumPy model callable
 (float32 in and out; the loop itself runs in float64) and classifier-free guidance is the reference's ``cfg``:
 one batched U-Net call on [x, x] with labels [y, null] per step.
@@ -22,17 +24,23 @@ Seeds: ``seed`` draws from ``numpy.random.default_rng(seed)`` (x_T first, then t
 stochastic), so a seed gives other images than the same seed in the torch engine (``torch.Generator``).
 Explicit ``noise=(x_T, loop_noise)`` float32 arrays give the same images through the torch engine
 (``engine.sample.generate(..., noise=...)``), this runtime and sampler.onnx, to float32 round-off.
+
+Errors: every exception ``OnnxSampler`` raises is one of FileNotFoundError or OSError (a missing or unreadable
+file), TypeError (an argument of the wrong type) or ValueError, with a one-line message: a bad argument, a bad
+or tampered artifact, ``RunError`` (ONNX Runtime could not run a graph), ``common.NonFiniteOutput`` (a result
+held NaN or inf: nothing is returned).
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, one_line
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, check_stages, one_line, sampling_stages
 from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import Schedule
 
@@ -40,12 +48,94 @@ from . import manifest as M
 from .manifest import MANIFEST
 
 PROVIDERS = ("auto", "cpu", "cuda")
+_RUN_OPTIONS = ort.RunOptions()
+_RUN_OPTIONS.log_severity_level = 4
 DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 META_ROLE, META_DIGEST, META_FORMAT = "ldmkit.role", "ldmkit.model_sha256", "ldmkit.format"
 
 
+class RunError(ValueError):
+    """ONNX Runtime failed to run one of the artifact's graphs (its first message line is kept)."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the weights inside an .onnx file, read from the protobuf wire format itself (no onnx package here)
+# ------------------------------------------------------------------------------------------------------
+
+# ONNX field numbers (onnx/onnx.proto3): ModelProto.graph; GraphProto.node and .initializer; NodeProto.attribute;
+# AttributeProto.g and .graphs (a Loop's or If's body); TensorProto.name and .doc_string
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INIT, _NODE_ATTR, _ATTR_G, _ATTR_GRAPHS, _T_NAME, _T_DOC = 7, 1, 5, 5, 6, 11, 8, 12
+_MAX_GRAPH_DEPTH = 16
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("a truncated or overlong varint")
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) of each field of one protobuf message: an int (varint), or a
+    memoryview (fixed 64/32-bit and length-delimited fields); ValueError for bytes that are not a message."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"wire type {wire} of field {field} is not one ONNX uses")
+        if i > len(buf) or field == 0:
+            raise ValueError("a truncated message")
+        yield field, wire, value
+
+
+def weight_digests(data: bytes) -> dict[str, str]:
+    """{initializer name: sha256 of the tensor (every field but its name and doc string, as serialized)} of
+    an ONNX model, through every subgraph (a Loop's body); ValueError if ``data`` is not an ONNX model."""
+    graphs = [(value, 0) for field, wire, value in _fields(memoryview(data)) if field == _MODEL_GRAPH and wire == 2]
+    if len(graphs) != 1:
+        raise ValueError("it holds no graph")
+    out = {}
+    while graphs:
+        graph, depth = graphs.pop()
+        if depth > _MAX_GRAPH_DEPTH:
+            raise ValueError(f"subgraphs nest more than {_MAX_GRAPH_DEPTH} deep")
+        for field, wire, value in _fields(graph):
+            if wire != 2:
+                continue
+            if field == _GRAPH_INIT:
+                h, name = hashlib.sha256(), None
+                for f, w, v in _fields(value):
+                    if f == _T_NAME:
+                        name = bytes(v).decode("utf-8", "replace")
+                    elif f != _T_DOC:
+                        h.update(struct.pack("<BBQ", f, w, v if w == 0 else len(v)) + (b"" if w == 0 else v))
+                if name is None or name in out:
+                    raise ValueError(f"an initializer {'without a name' if name is None else repr(name) + ' twice'}")
+                out[name] = h.hexdigest()
+            elif field == _GRAPH_NODE:
+                for f, w, attr in _fields(value):
+                    if f == _NODE_ATTR and w == 2:
+                        graphs.extend((v, depth + 1) for f2, w2, v in _fields(attr)
+                                      if f2 in (_ATTR_G, _ATTR_GRAPHS) and w2 == 2)
+    return out
 
 
 def _read_checked(folder: Path, entry: M.File) -> bytes:
@@ -77,7 +167,7 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     cores for its own work between calls."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, not as extra stderr lines
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
@@ -122,8 +212,10 @@ class OnnxSampler:
         self._blobs = {role: _read_checked(self.path, self.manifest.files[role]) for role in M.FILES}
         self._providers = _providers(provider)
         self._options = session_options(threads, spinning)
+        self._check_embedded_weights()
         self.unet = self._session("unet")
         self.decoder = self._session("vae_decoder")
+        self._check_shapes()
         self._graph = None
         used = self.unet.get_providers()
         if self._providers[0] == "CUDAExecutionProvider" and used[0] != "CUDAExecutionProvider":
@@ -132,6 +224,45 @@ class OnnxSampler:
                                  f"(the session runs on {used}); refusing to fall back to CPU")
         self.provider = "cuda" if used[0] == "CUDAExecutionProvider" else "cpu"
         self._unet_out = self.unet.get_outputs()[0].name
+
+    def _check_embedded_weights(self) -> None:
+        """sampler.onnx must parse and hold exactly the weights of unet.onnx and vae_decoder.onnx (prefixed
+        "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here."""
+        digests = {}
+        for role, blob in self._blobs.items():
+            try:
+                digests[role] = weight_digests(blob)
+            except ValueError as exc:
+                raise ValueError(f"{self.path / M.FILES[role]} is not a valid ONNX model ({exc})") from exc
+        for role in ("unet", "vae_decoder"):
+            want = {f"{role}/{name}": d for name, d in digests[role].items()}
+            got = {name: d for name, d in digests["sampler"].items() if name.startswith(f"{role}/")}
+            if got != want:
+                diff = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
+                raise ValueError(f"{self.path / M.FILES['sampler']} does not carry the weights of "
+                                 f"{M.FILES[role]} (first difference: {diff[0]!r:.80}): the files come from "
+                                 "different exports or one was edited")
+
+    def _check_shapes(self) -> None:
+        """The latent shape of sampler.json must be the shape unet.onnx and vae_decoder.onnx take, and its
+        image shape the decoder's output."""
+        for session, role in ((self.unet, "unet"), (self.decoder, "vae_decoder")):
+            got = list(session.get_inputs()[0].shape[1:])
+            if got != list(self.latent_shape):
+                raise ValueError(f"{self.path / MANIFEST}: model.latent_shape {list(self.latent_shape)} is not the "
+                                 f"shape {M.FILES[role]} takes ({got})")
+        got = list(self.decoder.get_outputs()[0].shape[1:])
+        if got != list(self.model.image_shape):
+            raise ValueError(f"{self.path / MANIFEST}: model.image_shape {list(self.model.image_shape)} is not the "
+                             f"shape {M.FILES['vae_decoder']} gives ({got})")
+
+    def _run(self, session: ort.InferenceSession, role: str, outputs, feeds: dict) -> list:
+        """``session.run`` with ONNX Runtime's own failures as ``RunError``."""
+        try:
+            return session.run(outputs, feeds, _RUN_OPTIONS)
+        except (ValueError, TypeError, RuntimeError) as exc:  # onnxruntime's types derive from RuntimeError
+            raise RunError(f"onnxruntime could not run {self.path / M.FILES[role]}: "
+                           f"{one_line(exc, limit=200, first=True)}") from exc
 
     def _session(self, role: str) -> ort.InferenceSession:
         entry = self.manifest.files[role]
@@ -190,17 +321,21 @@ class OnnxSampler:
             feeds["y"] = (np.full(len(feeds["t"]), self.num_classes, dtype=np.int64) if y is None
                           else np.asarray(y, dtype=np.int64))
         if self.provider != "cuda":
-            return self.unet.run([self._unet_out], feeds)[0]
-        binding = self.unet.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output(self._unet_out, "cuda")
-        self.unet.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+            return self._run(self.unet, "unet", [self._unet_out], feeds)[0]
+        try:
+            binding = self.unet.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(self._unet_out, "cuda")
+            self.unet.run_with_iobinding(binding, _RUN_OPTIONS)
+            return binding.copy_outputs_to_cpu()[0]
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise RunError(f"onnxruntime could not run {self.path / M.FILES['unet']}: "
+                           f"{one_line(exc, limit=200, first=True)}") from exc
 
     def decode(self, z) -> np.ndarray:
         """vae_decoder.onnx: z_0 (B, C, H, W) → images (B, c, H', W') float32 in [0, 1]."""
-        return self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+        return self._run(self.decoder, "vae_decoder", None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
     # ------------------------------------------------------------------------------------- sampling
 
@@ -214,9 +349,14 @@ class OnnxSampler:
         y = self.labels(n, labels)
         info = self.check(sampler, steps, eta, guidance)
         x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
-        z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
-                     guidance, self.model.null_class)
-        return self.decode(z)
+        with np.errstate(all="ignore"):  # overflow is found below, by stage, rather than warned about
+            z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
+                         guidance, self.model.null_class)
+            scaled = z * self.model.latent_scale
+        images = self.decode(z)
+        check_stages(sampling_stages(self.model.latent_scale, sampler, guidance),
+                     [bool(np.isfinite(v).all()) for v in (z, scaled, images)])
+        return images
 
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
                      seed: int = 0, noise=None, sampler: str = DEFAULT_SAMPLER) -> np.ndarray:
@@ -235,4 +375,6 @@ class OnnxSampler:
         if y is not None:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
-        return self._graph.run(None, feeds)[0]
+        images = self._run(self._graph, "sampler", None, feeds)[0]
+        check_stages([f"{M.FILES['sampler']} ({sampler}, guidance {guidance})"], [bool(np.isfinite(images).all())])
+        return images
