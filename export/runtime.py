@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, check_stages, one_line, sampling_stages
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, NonFiniteOutput, check_stages, one_line, sampling_stages
 from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import Schedule
 
@@ -315,13 +315,23 @@ class OnnxSampler:
 
     def unet_fn(self, x, t, y=None) -> np.ndarray:
         """The U-Net as a NumPy model callable: x (B, C, H, W), t (B,) math timesteps, y (B,) labels or None
-        (the null class) → (B, C, H, W) float32. On CUDA it runs through IO binding."""
+        (the null class) → (B, C, H, W) float32; NonFiniteOutput if it holds NaN or inf. On CUDA it runs through
+        IO binding."""
         feeds = {"x_t": np.ascontiguousarray(x, dtype=np.float32), "t": np.asarray(t, dtype=np.int64)}
         if self.num_classes:
             feeds["y"] = (np.full(len(feeds["t"]), self.num_classes, dtype=np.int64) if y is None
                           else np.asarray(y, dtype=np.int64))
-        if self.provider != "cuda":
-            return self._run(self.unet, "unet", [self._unet_out], feeds)[0]
+        if self.provider == "cuda":
+            out = self._unet_cuda(feeds)
+        else:
+            out = self._run(self.unet, "unet", [self._unet_out], feeds)[0]
+        if not np.isfinite(out).all():
+            raise NonFiniteOutput(f"sampling produced NaN or inf in the sampler: {M.FILES['unet']}'s output at "
+                                  f"t = {int(np.ravel(feeds['t'])[0])} (its weights, or the guidance); no images "
+                                  "were written")
+        return out
+
+    def _unet_cuda(self, feeds: dict) -> np.ndarray:
         try:
             binding = self.unet.io_binding()
             for name, value in feeds.items():
