@@ -137,14 +137,14 @@ def read_json(path, what: str):
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
-        raise ValueError(f"{what} {path} is {size} bytes, more than the {MAX_JSON_BYTES} a {what} may have")
+        raise ValueError(f"{path} is {size} bytes, more than the {MAX_JSON_BYTES} a {what} may have")
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{what} {path} is not valid JSON: {one_line(exc)}") from exc
+        raise ValueError(f"{path} is not valid JSON: {one_line(exc)}") from exc
     except RecursionError as exc:
-        raise ValueError(f"{what} {path} nests lists/objects more than {MAX_NESTING} deep: not an ldmkit file") from exc
-    check_nesting(value, f"{what} {path}")
+        raise ValueError(f"{path} nests lists/objects more than {MAX_NESTING} deep: not an ldmkit file") from exc
+    check_nesting(value, str(path))
     return value
 
 
