@@ -168,15 +168,22 @@ def validate_checkpoint(ckpt, source: str) -> None:
     for key in ("optimizer", "metrics"):
         if not isinstance(ckpt[key], dict):
             raise ValueError(f"{source}: checkpoint {key} must be a dict, got {type(ckpt[key]).__name__}")
-    with torch.device("meta"):
-        expected = {"vae": VAE.from_config(config.vae).state_dict(), "unet": UNet.from_config(config.unet).state_dict()}
-    size = sum(t.numel() for state in expected.values() for t in state.values())
-    if size > MAX_PARAMETERS:
-        raise ValueError(f"{source}: the config describes {size} parameters, more than the {MAX_PARAMETERS} "
-                         "ldmkit loads")
+    expected = model_states(config, source)
     expected["ema"] = expected["unet"]
     for key, want in expected.items():
         _check_state(ckpt[key], want, f"{source}: checkpoint {key}")
+
+
+def model_states(config: Config, source: str) -> dict:
+    """{"vae", "unet"}: the state dicts of the config's models, built on the meta device (no memory);
+    ValueError naming ``source`` if they hold more than ``MAX_PARAMETERS`` parameters."""
+    with torch.device("meta"):
+        states = {"vae": VAE.from_config(config.vae).state_dict(), "unet": UNet.from_config(config.unet).state_dict()}
+    size = sum(t.numel() for state in states.values() for t in state.values())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"{source}: the config describes {size} parameters, more than the {MAX_PARAMETERS} "
+                         "ldmkit builds")
+    return states
 
 
 def _newer(version) -> bool:

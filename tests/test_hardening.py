@@ -153,6 +153,8 @@ def test_eval_per_class_bound(ckpt_path, tmp_path):
     (lambda c: c["vae"].update(recon_logvar=float("nan")), "VAEConfig.recon_logvar must be in"),
     (lambda c: c["train"].update(unet_steps=10**12), "TrainConfig.unet_steps must be in [0, 1000000000]"),
     (lambda c: c.update(data={"spec": "DEEP"}), "nests lists/objects more than 64 deep"),
+    (lambda c: c["unet"].update(base_channels=4096, channel_mult=[1, 1, 1], num_res_blocks=16),
+     "parameters, more than the 2000000000 ldmkit builds"),
 ])
 def test_hostile_configs_one_line(tmp_path, edit, expected):
     from ldmkit.engine.config import preset

@@ -27,6 +27,7 @@ from ldmkit.common import (
     DEFAULT_GUIDANCE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
+    MAX_GUIDANCE,
     MAX_SAMPLES,
     LdmkitNote,
     __version__,
@@ -263,6 +264,9 @@ def train(data, out, preset, config_file, device, resume, vae_steps, unet_steps,
         if value is not None:
             setattr(config.train, key, value)
     config.train.__post_init__()
+    from ldmkit.engine.checkpoint import model_states
+
+    model_states(config, str(config_file or f"preset {preset}"))  # the size bound, before anything is allocated
     out = out if out is not None else Path("runs") / preset
     start = time.perf_counter()
     bars = None if quiet else _StageBars()
@@ -310,7 +314,7 @@ class SamplerChoice(click.Choice):
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM's eta (0: deterministic).")
 @click.option("--class", "class_id", type=int, default=None, help="Class id (default: all classes in turn).")
 @click.option("--guidance", type=float, default=None,
-              help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
+              help=f"Classifier-free guidance w, 0..{MAX_GUIDANCE:g} (default {DEFAULT_GUIDANCE:g} if conditional).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--graph", is_flag=True, help="ONNX folder only: one run of sampler.onnx (ddim or dpmpp2m, eta 0).")
@@ -408,7 +412,7 @@ def export_onnx_command(checkpoint, out, opset, steps, force, precision):
               help="Sampler of the samples.")
 @click.option("--steps", type=click.IntRange(min=1), default=DEFAULT_STEPS, show_default=True)
 @click.option("--guidance", type=float, default=None,
-              help=f"Classifier-free guidance w (default {DEFAULT_GUIDANCE:g} if conditional).")
+              help=f"Classifier-free guidance w, 0..{MAX_GUIDANCE:g} (default {DEFAULT_GUIDANCE:g} if conditional).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None,
