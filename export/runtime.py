@@ -243,6 +243,12 @@ class OnnxSampler:
                                  f"{M.FILES[role]} (first difference: {diff[0]!r:.80}): the files come from "
                                  "different exports or one was edited")
 
+    def graph_session(self) -> ort.InferenceSession:
+        """sampler.onnx's session, made on first use (``sample`` never needs it; ``ldmkit verify`` makes it)."""
+        if self._graph is None:
+            self._graph = self._session("sampler")
+        return self._graph
+
     def _check_shapes(self) -> None:
         """The latent shape of sampler.json must be the shape unet.onnx and vae_decoder.onnx take, and its
         image shape the decoder's output."""
@@ -378,13 +384,12 @@ class OnnxSampler:
             raise ValueError(f"sampler.onnx runs {list(self.model.graph_samplers)}, not {sampler!r} "
                              "(sample() runs every sampler through the Python loop)")
         x_T, _ = self._noise(noise, n, steps, seed, False)
-        if self._graph is None:
-            self._graph = self._session("sampler")
+        graph = self.graph_session()
         feeds = {"noise": x_T, "steps": np.array(steps, dtype=np.int64),
                  "method": np.array(self.model.graph_samplers.index(sampler), dtype=np.int64)}
         if y is not None:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
-        images = self._run(self._graph, "sampler", None, feeds)[0]
+        images = self._run(graph, "sampler", None, feeds)[0]
         check_stages([f"{M.FILES['sampler']} ({sampler}, guidance {guidance})"], [bool(np.isfinite(images).all())])
         return images

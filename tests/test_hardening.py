@@ -198,6 +198,19 @@ def test_digest_covers_every_tensor_byte():
     assert d not in digests and len(set(digests)) == len(digests)
 
 
+@pytest.mark.gpu
+def test_cuda_state_dicts_save_with_the_cpu_digest(ckpt_path, tmp_path):
+    """The trainer saves the state dicts of models on CUDA: save_checkpoint takes them, and the digest it
+    records is the one a CPU load verifies."""
+    from ldmkit.engine.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    on_cuda = {**ckpt, **{part: {k: t.cuda() for k, t in ckpt[part].items()} for part in ("vae", "unet", "ema")}}
+    save_checkpoint(tmp_path / "c.pt", on_cuda)
+    back = load_checkpoint(tmp_path / "c.pt")
+    assert all(torch.equal(back["ema"][k], ckpt["ema"][k]) for k in ckpt["ema"])
+
+
 @pytest.mark.parametrize("where", ["first tensor", "middle of the largest tensor", "last byte of a tensor"])
 def test_changed_tensor_byte_with_crcs_recomputed_is_refused_everywhere(ckpt_path, tmp_path, where):
     bad = tmp_path / "checkpoint.pt"
@@ -239,6 +252,23 @@ def test_verify_folder(onnx_artifacts, tmp_path):
     mut.rehash(art)
     one_line_exit_2(["verify", art], "sampler.onnx does not carry the weights of vae_decoder.onnx")
     one_line_exit_2(["verify", tmp_path / "nothing"], "does not exist")
+
+
+def test_sampler_graph_with_a_broken_node_is_refused(onnx_artifacts, tmp_path):
+    """Weights intact, one operator renamed, hashes recomputed: verify and --graph refuse it in one line."""
+    import onnx
+
+    art = mut.copy_artifact(onnx_artifacts["cond"], tmp_path / "art")
+    model = onnx.load(art / "sampler.onnx")
+    model.graph.node[0].op_type = "NoSuchOperator"
+    onnx.save(model, art / "sampler.onnx")
+    mut.rehash(art)
+    message = "sampler.onnx cannot be loaded by onnxruntime"
+    one_line_exit_2(["verify", art], message)
+    one_line_exit_2(["sample", art, "-n", 2, "--steps", 2, "--graph", "-o", tmp_path / "g.npy"], message,
+                    output=tmp_path / "g.npy")
+    result = CliRunner().invoke(main, ["sample", str(art), "-n", "2", "--steps", "2", "-o", str(tmp_path / "g.npy")])
+    assert result.exit_code == 0, result.output  # the Python loop does not run sampler.onnx
 
 
 def test_non_finite_runtime_output_is_refused_by_stage(onnx_artifacts, monkeypatch):

@@ -455,13 +455,15 @@ def verify(path):
     A checkpoint: readable with weights_only, its content matching the sha256 recorded when it was written,
     its config within bounds, every tensor dense, float32, of the config's shapes and finite. A folder: the
     checks ldmkit sample makes on load (sampler.json, each file's sha256, the graphs' inputs, outputs and
-    metadata, sampler.onnx carrying the weights of unet.onnx and vae_decoder.onnx)."""
+    metadata, sampler.onnx carrying the weights of unet.onnx and vae_decoder.onnx), and sampler.onnx loading
+    in ONNX Runtime."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (pass a checkpoint.pt or an ONNX artifact folder)")
     if path.is_dir():
         from ldmkit.export.runtime import OnnxSampler
 
         runner = OnnxSampler(path, provider="cpu")
+        runner.graph_session()  # sampler.onnx loads in ONNX Runtime, not only parses
         click.echo(f"OK: {path} is an ldmkit ONNX artifact ({len(runner.manifest.files)} files, sha256 and "
                    "weights consistent)")
         return
