@@ -56,7 +56,8 @@ def content_digest(ckpt: dict) -> str:
     """sha256 of a checkpoint's content (every key but ``DIGEST_KEY``), independent of how torch.save lays it
     out: a canonical walk with dict keys sorted, each value tagged with its type; a tensor contributes its
     dtype, shape and raw bytes (C order, the machine's byte order: torch.load gives that back). Nesting must
-    already be bounded (``check_nesting``) and every tensor dense and on the CPU (``_check_tensors``)."""
+    already be bounded (``check_nesting``) and every tensor dense (``_check_tensors``); CUDA tensors are
+    copied to the CPU for it, as torch.save copies them."""
     h = hashlib.sha256()
 
     def put(tag: str, data: bytes = b"") -> None:
@@ -65,7 +66,7 @@ def content_digest(ckpt: dict) -> str:
     def walk(value) -> None:
         if isinstance(value, torch.Tensor):
             put("tensor", f"{value.dtype}{tuple(value.shape)}".encode())
-            flat = value.detach().contiguous().reshape(-1)
+            flat = value.detach().cpu().contiguous().reshape(-1)
             h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
         elif isinstance(value, dict):
             put("dict", str(len(value)).encode())
@@ -199,8 +200,8 @@ def _check_state(state, want: dict, where: str) -> None:
         value = state[name]
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{where}[{name!r}] must be a tensor, got {type(value).__name__}")
-        if value.layout != torch.strided or value.is_quantized or value.device.type != "cpu":
-            raise ValueError(f"{where}[{name!r}] must be a dense CPU tensor, got layout {value.layout} on "
+        if value.layout != torch.strided or value.is_quantized or value.is_meta:  # (a trainer saves CUDA ones)
+            raise ValueError(f"{where}[{name!r}] must be a dense tensor with data, got layout {value.layout} on "
                              f"{value.device.type}{' (quantised)' if value.is_quantized else ''}")
         if value.dtype != ref.dtype:  # no silent cast: int, uint8, bool or complex weights are not the model's
             raise ValueError(f"{where}[{name!r}] has dtype {value.dtype}, but the config's model has {ref.dtype}")

@@ -68,7 +68,9 @@ def sha256_bytes(data: bytes) -> str:
 
 # ONNX field numbers (onnx/onnx.proto3): ModelProto.graph; GraphProto.node and .initializer; NodeProto.attribute;
 # AttributeProto.g and .graphs (a Loop's or If's body); TensorProto.name and .doc_string
+# NodeProto.input, .output, .name, .op_type and .domain
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INIT, _NODE_ATTR, _ATTR_G, _ATTR_GRAPHS, _T_NAME, _T_DOC = 7, 1, 5, 5, 6, 11, 8, 12
+_N_INPUT, _N_OUTPUT, _N_NAME, _N_OP, _N_DOMAIN = 1, 2, 3, 4, 7
 _MAX_GRAPH_DEPTH = 16
 
 
@@ -106,13 +108,14 @@ def _fields(buf: memoryview):
         yield field, wire, value
 
 
-def weight_digests(data: bytes) -> dict[str, str]:
-    """{initializer name: sha256 of the tensor (every field but its name and doc string, as serialized)} of
-    an ONNX model, through every subgraph (a Loop's body); ValueError if ``data`` is not an ONNX model."""
+def model_contents(data: bytes) -> tuple[dict[str, str], list[tuple]]:
+    """What an ONNX model computes, read from its bytes: ({initializer name: sha256 of the tensor, every field but
+    its name and doc string}, [each node as (name, op_type, domain, attributes, inputs, outputs)]), through
+    every subgraph (a Loop's body); ValueError if ``data`` is not an ONNX model."""
     graphs = [(value, 0) for field, wire, value in _fields(memoryview(data)) if field == _MODEL_GRAPH and wire == 2]
     if len(graphs) != 1:
         raise ValueError("it holds no graph")
-    out = {}
+    weights, nodes = {}, []
     while graphs:
         graph, depth = graphs.pop()
         if depth > _MAX_GRAPH_DEPTH:
@@ -127,15 +130,31 @@ def weight_digests(data: bytes) -> dict[str, str]:
                         name = bytes(v).decode("utf-8", "replace")
                     elif f != _T_DOC:
                         h.update(struct.pack("<BBQ", f, w, v if w == 0 else len(v)) + (b"" if w == 0 else v))
-                if name is None or name in out:
+                if name is None or name in weights:
                     raise ValueError(f"an initializer {'without a name' if name is None else repr(name) + ' twice'}")
-                out[name] = h.hexdigest()
+                weights[name] = h.hexdigest()
             elif field == _GRAPH_NODE:
-                for f, w, attr in _fields(value):
+                parts = {_N_INPUT: [], _N_OUTPUT: [], _N_NAME: [], _N_OP: [], _NODE_ATTR: [], _N_DOMAIN: []}
+                for f, w, v in _fields(value):
+                    if f in parts and w == 2:
+                        parts[f].append(bytes(v))
                     if f == _NODE_ATTR and w == 2:
-                        graphs.extend((v, depth + 1) for f2, w2, v in _fields(attr)
+                        graphs.extend((g, depth + 1) for f2, w2, g in _fields(v)
                                       if f2 in (_ATTR_G, _ATTR_GRAPHS) and w2 == 2)
-    return out
+                text = {f: [b.decode("utf-8", "replace") for b in parts[f]] for f in (_N_INPUT, _N_OUTPUT, _N_NAME)}
+                nodes.append(("".join(text[_N_NAME]), b"".join(parts[_N_OP]), b"".join(parts[_N_DOMAIN]),
+                              tuple(parts[_NODE_ATTR]), tuple(text[_N_INPUT]), tuple(text[_N_OUTPUT])))
+    return weights, nodes
+
+
+def _unprefixed(node: tuple, prefix: str) -> tuple:
+    """A node of ``model_contents`` with ``prefix`` taken off its name, inputs and outputs (``onnx.compose``'s
+    ``add_prefix_graph`` leaves an empty name empty)."""
+    def strip(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    name, op, domain, attrs, inputs, outputs = node
+    return strip(name), op, domain, attrs, tuple(map(strip, inputs)), tuple(map(strip, outputs))
 
 
 def _read_checked(folder: Path, entry: M.File) -> bytes:
@@ -226,20 +245,25 @@ class OnnxSampler:
         self._unet_out = self.unet.get_outputs()[0].name
 
     def _check_embedded_weights(self) -> None:
-        """sampler.onnx must parse and hold exactly the weights of unet.onnx and vae_decoder.onnx (prefixed
-        "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here."""
-        digests = {}
+        """sampler.onnx must parse and hold exactly the weights and nodes of unet.onnx and vae_decoder.onnx
+        (their names prefixed "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here."""
+        contents = {}
         for role, blob in self._blobs.items():
             try:
-                digests[role] = weight_digests(blob)
+                contents[role] = model_contents(blob)
             except ValueError as exc:
                 raise ValueError(f"{self.path / M.FILES[role]} is not a valid ONNX model ({exc})") from exc
         for role in ("unet", "vae_decoder"):
-            want = {f"{role}/{name}": d for name, d in digests[role].items()}
-            got = {name: d for name, d in digests["sampler"].items() if name.startswith(f"{role}/")}
-            if got != want:
-                diff = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
-                raise ValueError(f"{self.path / M.FILES['sampler']} does not carry the weights of "
+            prefix, (weights, nodes) = f"{role}/", contents[role]
+            want = {prefix + name: d for name, d in weights.items()}
+            got = {name: d for name, d in contents["sampler"][0].items() if name.startswith(prefix)}
+            diff = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
+            if not diff:
+                copy = [_unprefixed(n, prefix) for n in contents["sampler"][1] if n[0].startswith(prefix)]
+                diff = [f"{len(copy)} nodes, not {len(nodes)}"] if len(copy) != len(nodes) else [
+                    f"node {a[0]}" for a, b in zip(nodes, copy, strict=True) if a != b]
+            if diff:
+                raise ValueError(f"{self.path / M.FILES['sampler']} does not carry the weights and nodes of "
                                  f"{M.FILES[role]} (first difference: {diff[0]!r:.80}): the files come from "
                                  "different exports or one was edited")
 

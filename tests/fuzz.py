@@ -91,6 +91,7 @@ def _invoke(args: list[str]) -> tuple[object, str, str]:
 
 
 def _outputs(args: list[str]) -> list[Path]:
+    """What a case may write: its -o file or folder."""
     return [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a == "-o"]
 
 

@@ -145,6 +145,30 @@ def rehash(art: Path) -> None:
     edit_manifest(art, fix)
 
 
+def retag(art: Path) -> None:
+    """Each model's ldmkit metadata digest set to that of sampler.json's (edited) model, then every file
+    re-hashed: an edit of sampler.json as consistent as a forger who knows the format can make it."""
+    import onnx
+
+    from ldmkit.common import from_dict
+    from ldmkit.export import manifest as M
+    from ldmkit.export.runtime import META_DIGEST
+
+    try:
+        model = from_dict(M.Model, json.loads((art / "sampler.json").read_text())["model"], "model")
+        digest = M.model_digest(model)
+    except (ValueError, TypeError, KeyError, RecursionError):
+        digest = None  # the edit does not even read as a model: leave the metadata as it is
+    for name in M.FILES.values():
+        if digest is not None:
+            proto = onnx.load(art / name)
+            for prop in proto.metadata_props:
+                if prop.key == META_DIGEST:
+                    prop.value = digest
+            onnx.save(proto, art / name)
+    rehash(art)
+
+
 def edit_weight(path: Path, rng: random.Random | None = None) -> None:
     """One element of one weight of an ONNX model changed (the largest initializer, or one ``rng`` picks);
     the model stays valid."""
@@ -174,7 +198,7 @@ class Case:
 
 
 def checkpoint_cases(ckpt: Path, seed: int, count: int) -> Iterator[Case]:
-    """Mutated checkpoints sampled with ``ldmkit sample`` or checked with ``ldmkit verify``: random byte
+    """Mutated checkpoints sampled with ``ldmkit sample``, checked with ``ldmkit verify`` or exported: random byte
     changes (CRCs kept, so the zip check may catch them, or recomputed), truncations, tensor bytes changed
     under recomputed CRCs, and structural edits of the loaded dict with or without a forged digest."""
     rng = random.Random(seed)
@@ -193,9 +217,11 @@ def checkpoint_cases(ckpt: Path, seed: int, count: int) -> Iterator[Case]:
     for i in range(count):
         kind = rng.choice(["bytes", "truncate", "tensor byte", "structure", "deep pickle"])
         sub = random.Random(rng.getrandbits(64))
-        verb = rng.choice(["sample", "verify"])
+        verb = rng.choices(["sample", "verify", "export"], [10, 8, 1])[0]
 
         def args(path: Path, verb=verb) -> list[str]:
+            if verb == "export":
+                return ["export", "onnx", str(path), "-o", str(path.parent / "onnx")]
             return [verb, str(path)] + (["-n", "2", "--steps", "2", "-o", str(path.with_suffix(".png"))]
                                         if verb == "sample" else [])
 
@@ -254,15 +280,16 @@ def _config_number(c, r):
 
 def artifact_cases(art: Path, seed: int, count: int) -> Iterator[Case]:
     """Mutated export folders, sampled with ``ldmkit sample`` (and ``--graph``): sampler.json fields set to
-    hostile values and re-hashed, model bytes changed and re-hashed, weights edited and re-hashed, files
-    swapped, deep or huge JSON."""
+    hostile values and re-hashed (or re-tagged: each model's metadata digest made to match, as a forger
+    would), model bytes changed and re-hashed, weights edited and re-hashed, files swapped, deep JSON."""
     rng = random.Random(seed)
-    values = [0, -1, 1e30, float("inf"), float("nan"), 10**10, 2**63, "x", None, [], {}, [1, 2, 3], True]
+    values = [0, -1, 1e30, float("inf"), float("nan"), 10**10, 2**63, "x", None, [], {}, [1, 2, 3], True, 1e-30,
+              [2, 4, 4], [2, 8, 8], [1, 32, 32], [3, 16, 16], 5, 2.0, 0.5]
     fields = [("model", "T"), ("model", "latent_scale"), ("model", "latent_shape"), ("model", "image_shape"),
               ("model", "num_classes"), ("model", "null_class"), ("model", "alpha_bars"), ("model", "defaults"),
               ("opset",), ("model", "graph_samplers"), ("model", "prediction")]
     for i in range(count):
-        kind = rng.choice(["field", "model bytes", "weight", "swap", "json"])
+        kind = rng.choice(["field", "field, re-tagged", "model bytes", "weight", "swap", "json"])
         sub = random.Random(rng.getrandbits(64))
         graph = rng.random() < 0.3
 
@@ -270,13 +297,13 @@ def artifact_cases(art: Path, seed: int, count: int) -> Iterator[Case]:
             return ["sample", str(folder), "-n", "2", "--steps", "2", "-o", str(folder.parent / "g.npy")] + (
                 ["--graph"] if graph else [])
 
-        if kind == "field":
-            def make(tmp, sub=sub, args=args):
+        if kind.startswith("field"):
+            def make(tmp, sub=sub, args=args, kind=kind):
                 a = copy_artifact(art, tmp / "art")
                 path = fields[sub.randrange(len(fields))]
                 value = values[sub.randrange(len(values))]
                 edit_manifest(a, lambda m: _set(m, path, value))
-                rehash(a)
+                (retag if kind.endswith("re-tagged") else rehash)(a)
                 return args(a)
         elif kind == "model bytes":
             def make(tmp, sub=sub, args=args):

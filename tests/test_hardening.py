@@ -250,7 +250,7 @@ def test_verify_folder(onnx_artifacts, tmp_path):
     art = mut.copy_artifact(onnx_artifacts["cond"], tmp_path / "art")
     mut.edit_weight(art / "vae_decoder.onnx")
     mut.rehash(art)
-    one_line_exit_2(["verify", art], "sampler.onnx does not carry the weights of vae_decoder.onnx")
+    one_line_exit_2(["verify", art], "sampler.onnx does not carry the weights and nodes of vae_decoder.onnx")
     one_line_exit_2(["verify", tmp_path / "nothing"], "does not exist")
 
 

@@ -167,6 +167,15 @@ def _edit_weight(path: Path) -> None:
     onnx.save(model, path)
 
 
+def _edit_node(path: Path) -> None:
+    """The first Add of the model made a Sub (a valid model that computes something else)."""
+    import onnx
+
+    model = onnx.load(path)
+    next(n for n in model.graph.node if n.op_type == "Add").op_type = "Sub"
+    onnx.save(model, path)
+
+
 def _retag(art: Path, edit) -> None:
     """sampler.json edited, each model's ldmkit digest metadata set to the edited model's, files re-hashed:
     consistent, as a careful forger would leave it."""
@@ -219,7 +228,7 @@ TAMPERING = {
     "sampler tampered": (lambda art, o: _flip_byte(art / "sampler.onnx"), "sampler.onnx does not match the sha256"),
     "files swapped": (lambda art, o: _swap(art, "unet.onnx", "vae_decoder.onnx"), "does not match the sha256"),
     "swapped, rehashed": (lambda art, o: (_swap(art, "unet.onnx", "sampler.onnx"), _rehash(art)),
-                          "sampler.onnx does not carry the weights of unet.onnx"),
+                          "sampler.onnx does not carry the weights and nodes of unet.onnx"),
     # issues 12 and 13: edited and consistently re-hashed folders that crashed at load or ran on other weights
     "T 1e10": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T=10**10)),
                "model.T must be an int in 1..10000, got 10000000000"),
@@ -236,9 +245,12 @@ TAMPERING = {
     "sampler.onnx cut, rehashed": (lambda art, o: (_cut(art / "sampler.onnx"), _rehash(art)),
                                    "sampler.onnx is not a valid ONNX model"),
     "decoder weight edited, rehashed": (lambda art, o: (_edit_weight(art / "vae_decoder.onnx"), _rehash(art)),
-                                        "sampler.onnx does not carry the weights of vae_decoder.onnx"),
+                                        "sampler.onnx does not carry the weights and nodes of vae_decoder.onnx"),
+    "unet node edited, rehashed": (lambda art, o: (_edit_node(art / "unet.onnx"), _rehash(art)),
+                                   "sampler.onnx does not carry the weights and nodes of unet.onnx (first difference: "
+                                   "'node "),
     "unet weight edited, rehashed": (lambda art, o: (_edit_weight(art / "unet.onnx"), _rehash(art)),
-                                     "sampler.onnx does not carry the weights of unet.onnx"),
+                                     "sampler.onnx does not carry the weights and nodes of unet.onnx"),
     "other export's files": (lambda art, o: _cross(art, o), "unet.onnx: its inputs"),
     "file missing": (lambda art, o: (art / "vae_decoder.onnx").unlink(), "vae_decoder.onnx is missing"),
     "manifest missing": (lambda art, o: (art / "sampler.json").unlink(), "is a folder without sampler.json"),
