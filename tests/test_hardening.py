@@ -107,6 +107,16 @@ def test_eval_refuses_a_nan_checkpoint_and_writes_nothing(ckpt_path, tmp_path):
     assert list(tmp_path.iterdir()) == [bad]
 
 
+def test_eval_refuses_a_non_finite_metric(ckpt_path, tmp_path, monkeypatch):
+    """Whatever stage of eval yields NaN or inf (here: the evaluation itself, patched), nothing is written."""
+    from ldmkit.engine import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: {"recon_mse": 0.5, "nll_bits_per_dim": float("inf")})
+    out = tmp_path / "eval.json"
+    one_line_exit_2(["eval", ckpt_path, "-o", out], "nll_bits_per_dim is inf (non-finite); nothing was written",
+                    output=out)
+
+
 def test_eval_json_never_holds_nan(ckpt_path, tmp_path):
     """One NLL image: its standard error is undefined, and eval.json says null, not NaN."""
     out = tmp_path / "eval.json"
