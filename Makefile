@@ -11,7 +11,7 @@ EXTRAS ?= dev,engine,export,images
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test coverage lint typecheck golden demo clean venv browser
+.PHONY: test coverage lint typecheck golden demo clean venv browser fuzz
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ lint: $(STAMP)
 # script outside it. `$(VENV)/bin/pyright` alone lists pyright's full type report, which is not a gate.
 typecheck: $(STAMP)
 	$(PY) -m pytest -q tests/test_static.py
+
+# The full fuzz suite of hostile checkpoints, export folders and arguments (tests/fuzz.py; the fast subset runs
+# in `make test`): prints the count of each outcome; exit 1 unless every case passed.
+fuzz: $(STAMP)
+	$(PY) tests/fuzz.py --cases 1200
 
 golden: $(STAMP)
 	$(VENV)/bin/ldmkit golden regen --dir golden

@@ -9,17 +9,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldmkit.common import from_dict, to_plain
+from ldmkit.common import MAX_T, from_dict, to_plain
 from ldmkit.reference.posterior import PREDICTIONS
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 PRECISIONS = ("fp32", "bf16")
 
+# Bounds checked before anything is built (README, "Reliability and limits"); MAX_T lives in ldmkit.common.
+MAX_IMAGE_SIZE = 1024
+MAX_CHANNELS = 4096  # base_channels · each channel_mult entry
+MAX_LEVELS = 6  # len(channel_mult)
+MAX_BLOCKS = 16  # num_res_blocks
+MAX_CLASSES = 100_000
+MAX_STEPS = 10**9  # every step count, and a checkpoint's step
+MAX_BATCH = 65_536
+MAX_SEED = 2**63 - 1
+
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_range(obj, lo, hi, *names: str) -> None:
+    """Each named field in [lo, hi]; NaN and ±inf fail (every comparison with NaN is False)."""
+    for name in names:
+        value = getattr(obj, name)
+        _require(lo <= value <= hi, f"{type(obj).__name__}.{name} must be in [{lo}, {hi}], got {value}")
 
 
 def _check_positive(obj, *names: str) -> None:
@@ -30,8 +47,10 @@ def _check_positive(obj, *names: str) -> None:
 
 def _check_channels(obj, base: int, mult: tuple[int, ...], groups: int) -> None:
     name = type(obj).__name__
-    _require(len(mult) >= 1 and all(m >= 1 for m in mult),
-             f"{name}.channel_mult must be a non-empty tuple of ints >= 1, got {mult}")
+    _require(1 <= len(mult) <= MAX_LEVELS and all(m >= 1 for m in mult),
+             f"{name}.channel_mult must be a tuple of 1..{MAX_LEVELS} ints >= 1, got {mult}")
+    _require(base * max(mult) <= MAX_CHANNELS,
+             f"{name}: channels base_channels*mult = {base * max(mult)} must be at most {MAX_CHANNELS}")
     for m in mult:
         _require(base * m % groups == 0,
                  f"{name}: channels base_channels*mult = {base * m} must be divisible by groups = {groups}")
@@ -59,6 +78,11 @@ class VAEConfig:
     def __post_init__(self):
         _check_positive(self, "in_channels", "image_size", "base_channels", "num_res_blocks", "latent_channels",
                         "groups")
+        _check_range(self, 1, 4, "in_channels")
+        _check_range(self, 1, MAX_IMAGE_SIZE, "image_size")
+        _check_range(self, 1, MAX_CHANNELS, "base_channels", "latent_channels", "groups")
+        _check_range(self, 1, MAX_BLOCKS, "num_res_blocks")
+        _check_range(self, -30.0, 30.0, "recon_logvar")
         _check_channels(self, self.base_channels, self.channel_mult, self.groups)
         _require(self.image_size % self.downsampling == 0,
                  f"VAEConfig.image_size = {self.image_size} must be divisible by the downsampling factor "
@@ -94,6 +118,9 @@ class UNetConfig:
 
     def __post_init__(self):
         _check_positive(self, "in_channels", "base_channels", "num_res_blocks", "num_heads", "groups")
+        _check_range(self, 1, MAX_CHANNELS, "in_channels", "base_channels", "num_heads", "groups")
+        _check_range(self, 1, MAX_BLOCKS, "num_res_blocks")
+        _check_range(self, 0, MAX_CLASSES, "num_classes")
         _check_channels(self, self.base_channels, self.channel_mult, self.groups)
         _require(self.base_channels % 2 == 0, f"UNetConfig.base_channels must be even, got {self.base_channels}")
         levels = len(self.channel_mult)
@@ -128,7 +155,7 @@ class DiffusionConfig:
     def __post_init__(self):
         _require(self.schedule in SCHEDULE_NAMES,
                  f"DiffusionConfig.schedule must be one of {list(SCHEDULE_NAMES)}, got {self.schedule!r}")
-        _check_positive(self, "T")
+        _check_range(self, 1, MAX_T, "T")
         _require(self.prediction in PREDICTIONS,
                  f"DiffusionConfig.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         _require(isinstance(self.zero_terminal_snr, bool),
@@ -175,6 +202,12 @@ class TrainConfig:
         for name in ("seed", "vae_steps", "unet_steps", "warmup_steps", "sample_every", "checkpoint_every",
                      "log_every", "kl_weight", "weight_decay"):
             _require(getattr(self, name) >= 0, f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        _check_range(self, 0, MAX_SEED, "seed")
+        _check_range(self, 0, MAX_STEPS, "vae_steps", "unet_steps", "warmup_steps", "sample_every",
+                     "checkpoint_every", "log_every")
+        _check_range(self, 1, MAX_BATCH, "vae_batch_size", "batch_size")
+        _check_range(self, 0.0, 10.0, "vae_lr", "lr", "weight_decay")  # > 0 for the rates: checked above
+        _check_range(self, 0.0, 1e6, "kl_weight", "grad_clip")
         _require(0.0 <= self.ema_decay < 1.0, f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(0.0 <= self.cond_drop_prob < 1.0,
                  f"TrainConfig.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
@@ -207,8 +240,10 @@ class Config:
                  f"{self.unet.downsampling}; use fewer unet.channel_mult levels")
         _require(self.latent_shape is None or tuple(self.latent_shape) == self.vae.latent_shape,
                  f"Config.latent_shape = {self.latent_shape} does not match the VAE's {self.vae.latent_shape}")
-        _require(self.latent_scale is None or self.latent_scale > 0,
-                 f"Config.latent_scale must be > 0, got {self.latent_scale}")
+        _require(self.latent_scale is None or 1e-6 <= self.latent_scale <= 1e6,
+                 f"Config.latent_scale must be in [1e-06, 1000000.0] (1/std of the latents), got {self.latent_scale}")
+        _require(isinstance(self.data.get("spec"), str),
+                 f"Config.data must hold 'spec', a string (the dataset: 'mnist' or a path), got {self.data!r:.80}")
         size, s = self.data.get("content_size"), self.vae.image_size
         _require(size is None or (isinstance(size, (list, tuple)) and len(size) == 2
                                   and all(type(v) is int and 1 <= v <= s for v in size)),

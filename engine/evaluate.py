@@ -86,7 +86,7 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
     total = per_image["decoder_nats"] + per_image["posterior_nats"] + per_image["prior_nats"]
     d = int(np.prod(images.shape[1:]))
     bits = total / (d * math.log(2))
-    stderr = float(bits.std(ddof=1) / math.sqrt(len(bits))) if len(bits) > 1 else float("nan")
+    stderr = float(bits.std(ddof=1) / math.sqrt(len(bits))) if len(bits) > 1 else None  # JSON has no NaN
     return {"nll_bits_per_dim": float(bits.mean()), "nll_bits_per_dim_stderr": stderr, "nll_dims": d,
             "nll_bits_per_dim_28x28": float(total.mean() / (784 * math.log(2))) if images.shape[-1] == 32 else None,
             "nll_images": len(bits), **{k: float(v.mean()) for k, v in per_image.items()}}

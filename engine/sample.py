@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, check_stages, sampling_stages
 from ldmkit.reference import samplers as R
 
 from .config import Config
@@ -59,5 +59,8 @@ def generate(config: Config, vae: VAE, unet: UNet, n: int, labels=None, sampler:
     x_T, loop = noise if noise is not None else sample_noise(config, n, steps, seed)
     z = R.sample(torch_model(unet), x_T.to(device), schedule, sampler, steps, eta, loop.to(device),
                  config.diffusion.prediction, y, guidance, null_class, guidance_rescale=guidance_rescale)
-    images = center_crop(vae.decode(z * config.latent_scale), config.output_size)
+    scaled = z * config.latent_scale
+    images = center_crop(vae.decode(scaled), config.output_size)
+    check_stages(sampling_stages(config.latent_scale, sampler, guidance),
+                 [bool(torch.isfinite(v).all()) for v in (z, scaled, images)])
     return ((images.float().clamp(-1, 1) + 1) / 2).cpu().numpy()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldmkit.common import SPACING, __version__, checked, from_dict, to_plain
+from ldmkit.common import MAX_GUIDANCE, MAX_T, SPACING, __version__, checked, from_dict, read_json, to_plain
 from ldmkit.reference.posterior import PREDICTIONS
 from ldmkit.reference.samplers import SAMPLERS
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
@@ -40,8 +40,17 @@ GRAPH_SAMPLERS = ("ddim", "dpmpp2m")
 """The samplers sampler.onnx runs, by the value of its ``method`` input (0, 1, ...)."""
 
 
+MAX_SIDE = 4096
+"""The largest channel count or side a latent_shape or image_shape may declare."""
+MAX_CLASSES = 100_000
+
+
 def _shape(v) -> bool:
-    return len(v) == 3 and all(a >= 0 for a in v)
+    return len(v) == 3 and all(1 <= a <= MAX_SIDE for a in v)
+
+
+def _finite(v, lo, hi) -> bool:
+    return lo <= v <= hi  # False for NaN; ±inf lies outside every finite [lo, hi]
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,11 @@ class Defaults:
     its rescale φ (R3)."""
 
     sampler: str = checked(f"one of {list(SAMPLERS)}", lambda v: v in SAMPLERS)
-    steps: int = checked("an int >= 1", lambda v: v >= 1)
-    eta: float = checked("a float >= 0", lambda v: v >= 0)
-    guidance: float | None = checked("a float >= 0 or null", lambda v: v is None or v >= 0)
-    guidance_rescale: float = checked("a float in [0, 1]", lambda v: 0 <= v <= 1)
+    steps: int = checked(f"an int in 1..{MAX_T}", lambda v: 1 <= v <= MAX_T)
+    eta: float = checked("a float in [0, 1]", lambda v: _finite(v, 0.0, 1.0))
+    guidance: float | None = checked(f"a float in [0, {MAX_GUIDANCE:g}] or null",
+                                     lambda v: v is None or _finite(v, 0.0, MAX_GUIDANCE))
+    guidance_rescale: float = checked("a float in [0, 1]", lambda v: _finite(v, 0.0, 1.0))
     timesteps: tuple[int, ...] = checked("a list of ints")
 
 
@@ -63,14 +73,14 @@ class Model:
     ``Schedule.named(schedule, T, zero_terminal_snr)`` (R2: then ᾱ_T = 0, and the prediction is v or x0)."""
 
     schedule: str = checked(f"one of {list(SCHEDULE_NAMES)}", lambda v: v in SCHEDULE_NAMES)
-    T: int = checked("an int >= 1", lambda v: v >= 1)
+    T: int = checked(f"an int in 1..{MAX_T}", lambda v: 1 <= v <= MAX_T)
     zero_terminal_snr: bool = checked("true or false")
     alpha_bars: tuple[float, ...] = checked("a list of floats")
     prediction: str = checked(f"one of {list(PREDICTIONS)}", lambda v: v in PREDICTIONS)
-    latent_shape: tuple[int, ...] = checked("[C, H, W]", _shape)
-    latent_scale: float = checked("a float > 0", lambda v: v > 0)
-    image_shape: tuple[int, ...] = checked("[C, H, W]", _shape)
-    num_classes: int = checked("an int >= 0", lambda v: v >= 0)
+    latent_shape: tuple[int, ...] = checked(f"[C, H, W], each in 1..{MAX_SIDE}", _shape)
+    latent_scale: float = checked("a float in [1e-06, 1e+06]", lambda v: _finite(v, 1e-6, 1e6))
+    image_shape: tuple[int, ...] = checked(f"[C, H, W], each in 1..{MAX_SIDE}", _shape)
+    num_classes: int = checked(f"an int in 0..{MAX_CLASSES}", lambda v: 0 <= v <= MAX_CLASSES)
     null_class: int | None = checked("an int or null")
     timestep_spacing: str = checked(repr(SPACING), lambda v: v == SPACING)
     graph_samplers: tuple[str, ...] = checked(f"a list of names from {list(SAMPLERS)}",
@@ -116,7 +126,7 @@ class Manifest:
 
     format: dict
     ldmkit_version: str
-    opset: int = checked("an int > 0", lambda v: v > 0)
+    opset: int = checked("an int in 1..1000", lambda v: 0 < v <= 1000)
     model: Model
     files: dict[str, File]
     conventions: dict
@@ -133,7 +143,8 @@ def model_digest(model: Model) -> str:
 
 
 def read_manifest(folder) -> Manifest:
-    """sampler.json of an artifact folder, checked: format, keys and types, the schedule table against the
+    """sampler.json of an artifact folder, checked: size and nesting (``common.read_json``), format, keys,
+    types and bounds (T at most ``MAX_T``, before the schedule is built), the schedule table against the
     reference's ``Schedule.named``, the default timesteps, the file names. ValueError naming the problem
     (FileNotFoundError for a missing folder or file)."""
     folder = Path(folder)
@@ -145,10 +156,7 @@ def read_manifest(folder) -> Manifest:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is a folder without {MANIFEST}: not an ldmkit ONNX artifact "
                                 "(ldmkit export onnx writes one)")
-    try:
-        raw = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    raw = read_json(path, MANIFEST)
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
         raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")

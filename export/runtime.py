@@ -14,8 +14,10 @@ The artifact (a folder written by ``ldmkit export onnx``, see ``sampler.json``):
   sampler.json      schedule (alpha_bars, math-indexed, length T+1), prediction type, shapes, classes, defaults,
                     the input/output names of each graph and the sha256 of each file.
 
-``OnnxSampler`` checks all of it on load (format, keys and types, the schedule table against the reference,
-the sha256 of each file, each graph's declared inputs/outputs and its ldmkit metadata) and samples with the
+``OnnxSampler`` checks all of it on load (format, keys, types and bounds, the schedule table against the
+reference, the sha256 of each file, each graph's declared inputs/outputs, shapes and ldmkit metadata, and that
+sampler.onnx parses and carries exactly the weights of unet.onnx and vae_decoder.onnx, so the one set of hashes
+covers every path) and samples with the
 reference's own loops (``ldmkit.reference.samplers``): the ONNX U-Net is wrapped as a NumPy model callable
 (float32 in and out; the loop itself runs in float64) and classifier-free guidance is the reference's ``cfg``:
 one batched U-Net call on [x, x] with labels [y, null] per step.
@@ -24,29 +26,136 @@ Seeds: ``seed`` draws from ``numpy.random.default_rng(seed)`` (x_T first, then t
 stochastic), so a seed gives other images than the same seed in the torch engine (``torch.Generator``).
 Explicit ``noise=(x_T, loop_noise)`` float32 arrays give the same images through the torch engine
 (``engine.sample.generate(..., noise=...)``), this runtime and sampler.onnx, to float32 round-off.
+
+Errors: every exception ``OnnxSampler`` raises is one of FileNotFoundError or OSError (a missing or unreadable
+file), TypeError (an argument of the wrong type) or ValueError, with a one-line message: a bad argument, a bad
+or tampered artifact, ``RunError`` (ONNX Runtime could not run a graph), ``common.NonFiniteOutput`` (a result
+held NaN or inf: nothing is returned).
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, one_line
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, NonFiniteOutput, check_stages, one_line, sampling_stages
 from ldmkit.reference import samplers as R
 
 from . import manifest as M
 from .manifest import MANIFEST
 
 PROVIDERS = ("auto", "cpu", "cuda")
+_RUN_OPTIONS = ort.RunOptions()
+_RUN_OPTIONS.log_severity_level = 4
 DTYPES = {"float32": "tensor(float)", "int64": "tensor(int64)"}
 META_ROLE, META_DIGEST, META_FORMAT = "ldmkit.role", "ldmkit.model_sha256", "ldmkit.format"
 
 
+class RunError(ValueError):
+    """ONNX Runtime failed to run one of the artifact's graphs (its first message line is kept)."""
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the weights inside an .onnx file, read from the protobuf wire format itself (no onnx package here)
+# ------------------------------------------------------------------------------------------------------
+
+# ONNX field numbers (onnx/onnx.proto3): ModelProto.graph; GraphProto.node and .initializer; NodeProto.attribute;
+# AttributeProto.g and .graphs (a Loop's or If's body); TensorProto.name and .doc_string
+# NodeProto.input, .output, .name, .op_type and .domain
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INIT, _NODE_ATTR, _ATTR_G, _ATTR_GRAPHS, _T_NAME, _T_DOC = 7, 1, 5, 5, 6, 11, 8, 12
+_N_INPUT, _N_OUTPUT, _N_NAME, _N_OP, _N_DOMAIN = 1, 2, 3, 4, 7
+_MAX_GRAPH_DEPTH = 16
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("a truncated or overlong varint")
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value) of each field of one protobuf message: an int (varint), or a
+    memoryview (fixed 64/32-bit and length-delimited fields); ValueError for bytes that are not a message."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"wire type {wire} of field {field} is not one ONNX uses")
+        if i > len(buf) or field == 0:
+            raise ValueError("a truncated message")
+        yield field, wire, value
+
+
+def model_contents(data: bytes) -> tuple[dict[str, str], list[tuple]]:
+    """What an ONNX model computes, read from its bytes: ({initializer name: sha256 of the tensor, every field but
+    its name and doc string}, [each node as (name, op_type, domain, attributes, inputs, outputs)]), through
+    every subgraph (a Loop's body); ValueError if ``data`` is not an ONNX model."""
+    graphs = [(value, 0) for field, wire, value in _fields(memoryview(data)) if field == _MODEL_GRAPH and wire == 2]
+    if len(graphs) != 1:
+        raise ValueError("it holds no graph")
+    weights, nodes = {}, []
+    while graphs:
+        graph, depth = graphs.pop()
+        if depth > _MAX_GRAPH_DEPTH:
+            raise ValueError(f"subgraphs nest more than {_MAX_GRAPH_DEPTH} deep")
+        for field, wire, value in _fields(graph):
+            if wire != 2:
+                continue
+            if field == _GRAPH_INIT:
+                h, name = hashlib.sha256(), None
+                for f, w, v in _fields(value):
+                    if f == _T_NAME:
+                        name = bytes(v).decode("utf-8", "replace")
+                    elif f != _T_DOC:
+                        h.update(struct.pack("<BBQ", f, w, v if w == 0 else len(v)) + (b"" if w == 0 else v))
+                if name is None or name in weights:
+                    raise ValueError(f"an initializer {'without a name' if name is None else repr(name) + ' twice'}")
+                weights[name] = h.hexdigest()
+            elif field == _GRAPH_NODE:
+                parts = {_N_INPUT: [], _N_OUTPUT: [], _N_NAME: [], _N_OP: [], _NODE_ATTR: [], _N_DOMAIN: []}
+                for f, w, v in _fields(value):
+                    if f in parts and w == 2:
+                        parts[f].append(bytes(v))
+                    if f == _NODE_ATTR and w == 2:
+                        graphs.extend((g, depth + 1) for f2, w2, g in _fields(v)
+                                      if f2 in (_ATTR_G, _ATTR_GRAPHS) and w2 == 2)
+                text = {f: [b.decode("utf-8", "replace") for b in parts[f]] for f in (_N_INPUT, _N_OUTPUT, _N_NAME)}
+                nodes.append(("".join(text[_N_NAME]), b"".join(parts[_N_OP]), b"".join(parts[_N_DOMAIN]),
+                              tuple(parts[_NODE_ATTR]), tuple(text[_N_INPUT]), tuple(text[_N_OUTPUT])))
+    return weights, nodes
+
+
+def _unprefixed(node: tuple, prefix: str) -> tuple:
+    """A node of ``model_contents`` with ``prefix`` taken off its name, inputs and outputs (``onnx.compose``'s
+    ``add_prefix_graph`` leaves an empty name empty)."""
+    def strip(name: str) -> str:
+        return name[len(prefix):] if name.startswith(prefix) else name
+
+    name, op, domain, attrs, inputs, outputs = node
+    return strip(name), op, domain, attrs, tuple(map(strip, inputs)), tuple(map(strip, outputs))
 
 
 def _read_checked(folder: Path, entry: M.File) -> bytes:
@@ -78,7 +187,7 @@ def session_options(threads: int | None = None, spinning: bool = True) -> ort.Se
     cores for its own work between calls."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, not as extra stderr lines
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
@@ -123,8 +232,10 @@ class OnnxSampler:
         self._blobs = {role: _read_checked(self.path, self.manifest.files[role]) for role in M.FILES}
         self._providers = _providers(provider)
         self._options = session_options(threads, spinning)
+        self._check_embedded_weights()
         self.unet = self._session("unet")
         self.decoder = self._session("vae_decoder")
+        self._check_shapes()
         self._graph = None
         used = self.unet.get_providers()
         if self._providers[0] == "CUDAExecutionProvider" and used[0] != "CUDAExecutionProvider":
@@ -133,6 +244,56 @@ class OnnxSampler:
                                  f"(the session runs on {used}); refusing to fall back to CPU")
         self.provider = "cuda" if used[0] == "CUDAExecutionProvider" else "cpu"
         self._unet_out = self.unet.get_outputs()[0].name
+
+    def _check_embedded_weights(self) -> None:
+        """sampler.onnx must parse and hold exactly the weights and nodes of unet.onnx and vae_decoder.onnx
+        (their names prefixed "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here."""
+        contents = {}
+        for role, blob in self._blobs.items():
+            try:
+                contents[role] = model_contents(blob)
+            except ValueError as exc:
+                raise ValueError(f"{self.path / M.FILES[role]} is not a valid ONNX model ({exc})") from exc
+        for role in ("unet", "vae_decoder"):
+            prefix, (weights, nodes) = f"{role}/", contents[role]
+            want = {prefix + name: d for name, d in weights.items()}
+            got = {name: d for name, d in contents["sampler"][0].items() if name.startswith(prefix)}
+            diff = sorted(set(got) ^ set(want)) or sorted(n for n in want if got[n] != want[n])
+            if not diff:
+                copy = [_unprefixed(n, prefix) for n in contents["sampler"][1] if n[0].startswith(prefix)]
+                diff = [f"{len(copy)} nodes, not {len(nodes)}"] if len(copy) != len(nodes) else [
+                    f"node {a[0]}" for a, b in zip(nodes, copy, strict=True) if a != b]
+            if diff:
+                raise ValueError(f"{self.path / M.FILES['sampler']} does not carry the weights and nodes of "
+                                 f"{M.FILES[role]} (first difference: {diff[0]!r:.80}): the files come from "
+                                 "different exports or one was edited")
+
+    def graph_session(self) -> ort.InferenceSession:
+        """sampler.onnx's session, made on first use (``sample`` never needs it; ``ldmkit verify`` makes it)."""
+        if self._graph is None:
+            self._graph = self._session("sampler")
+        return self._graph
+
+    def _check_shapes(self) -> None:
+        """The latent shape of sampler.json must be the shape unet.onnx and vae_decoder.onnx take, and its
+        image shape the decoder's output."""
+        for session, role in ((self.unet, "unet"), (self.decoder, "vae_decoder")):
+            got = list(session.get_inputs()[0].shape[1:])
+            if got != list(self.latent_shape):
+                raise ValueError(f"{self.path / MANIFEST}: model.latent_shape {list(self.latent_shape)} is not the "
+                                 f"shape {M.FILES[role]} takes ({got})")
+        got = list(self.decoder.get_outputs()[0].shape[1:])
+        if got != list(self.model.image_shape):
+            raise ValueError(f"{self.path / MANIFEST}: model.image_shape {list(self.model.image_shape)} is not the "
+                             f"shape {M.FILES['vae_decoder']} gives ({got})")
+
+    def _run(self, session: ort.InferenceSession, role: str, outputs, feeds: dict) -> list:
+        """``session.run`` with ONNX Runtime's own failures as ``RunError``."""
+        try:
+            return session.run(outputs, feeds, _RUN_OPTIONS)
+        except (ValueError, TypeError, RuntimeError) as exc:  # onnxruntime's types derive from RuntimeError
+            raise RunError(f"onnxruntime could not run {self.path / M.FILES[role]}: "
+                           f"{one_line(exc, limit=200, first=True)}") from exc
 
     def _session(self, role: str) -> ort.InferenceSession:
         entry = self.manifest.files[role]
@@ -185,23 +346,37 @@ class OnnxSampler:
 
     def unet_fn(self, x, t, y=None) -> np.ndarray:
         """The U-Net as a NumPy model callable: x (B, C, H, W), t (B,) math timesteps, y (B,) labels or None
-        (the null class) → (B, C, H, W) float32. On CUDA it runs through IO binding."""
+        (the null class) → (B, C, H, W) float32; NonFiniteOutput if it holds NaN or inf. On CUDA it runs through
+        IO binding."""
         feeds = {"x_t": np.ascontiguousarray(x, dtype=np.float32), "t": np.asarray(t, dtype=np.int64)}
         if self.num_classes:
             feeds["y"] = (np.full(len(feeds["t"]), self.num_classes, dtype=np.int64) if y is None
                           else np.asarray(y, dtype=np.int64))
-        if self.provider != "cuda":
-            return self.unet.run([self._unet_out], feeds)[0]
-        binding = self.unet.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        binding.bind_output(self._unet_out, "cuda")
-        self.unet.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        if self.provider == "cuda":
+            out = self._unet_cuda(feeds)
+        else:
+            out = self._run(self.unet, "unet", [self._unet_out], feeds)[0]
+        if not np.isfinite(out).all():
+            raise NonFiniteOutput(f"sampling produced NaN or inf in the sampler: {M.FILES['unet']}'s output at "
+                                  f"t = {int(np.ravel(feeds['t'])[0])} (its weights, or the guidance); no images "
+                                  "were written")
+        return out
+
+    def _unet_cuda(self, feeds: dict) -> np.ndarray:
+        try:
+            binding = self.unet.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(self._unet_out, "cuda")
+            self.unet.run_with_iobinding(binding, _RUN_OPTIONS)
+            return binding.copy_outputs_to_cpu()[0]
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise RunError(f"onnxruntime could not run {self.path / M.FILES['unet']}: "
+                           f"{one_line(exc, limit=200, first=True)}") from exc
 
     def decode(self, z) -> np.ndarray:
         """vae_decoder.onnx: z_0 (B, C, H, W) → images (B, c, H', W') float32 in [0, 1]."""
-        return self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+        return self._run(self.decoder, "vae_decoder", None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
 
     # ------------------------------------------------------------------------------------- sampling
 
@@ -216,9 +391,14 @@ class OnnxSampler:
         y = self.labels(n, labels)
         info = self.check(sampler, steps, eta, guidance, guidance_rescale)
         x_T, loop = self._noise(noise, n, steps, seed, info.stochastic or eta > 0)
-        z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
-                     guidance, self.model.null_class, guidance_rescale=guidance_rescale)
-        return self.decode(z)
+        with np.errstate(all="ignore"):  # overflow is found below, by stage, rather than warned about
+            z = R.sample(self.unet_fn, x_T, self.schedule, sampler, steps, eta, loop, self.model.prediction, y,
+                         guidance, self.model.null_class, guidance_rescale=guidance_rescale)
+            scaled = z * self.model.latent_scale
+        images = self.decode(z)
+        check_stages(sampling_stages(self.model.latent_scale, sampler, guidance),
+                     [bool(np.isfinite(v).all()) for v in (z, scaled, images)])
+        return images
 
     def sample_graph(self, n: int, labels=None, steps: int = DEFAULT_STEPS, guidance: float | None = None,
                      seed: int = 0, noise=None, sampler: str = DEFAULT_SAMPLER,
@@ -232,12 +412,13 @@ class OnnxSampler:
             raise ValueError(f"sampler.onnx runs {list(self.model.graph_samplers)}, not {sampler!r} "
                              "(sample() runs every sampler through the Python loop)")
         x_T, _ = self._noise(noise, n, steps, seed, False)
-        if self._graph is None:
-            self._graph = self._session("sampler")
+        graph = self.graph_session()
         feeds = {"noise": x_T, "steps": np.array(steps, dtype=np.int64),
                  "method": np.array(self.model.graph_samplers.index(sampler), dtype=np.int64)}
         if y is not None:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
             feeds["guidance_rescale"] = np.array(guidance_rescale, dtype=np.float32)
-        return self._graph.run(None, feeds)[0]
+        images = self._run(graph, "sampler", None, feeds)[0]
+        check_stages([f"{M.FILES['sampler']} ({sampler}, guidance {guidance})"], [bool(np.isfinite(images).all())])
+        return images

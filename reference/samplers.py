@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING
+from ldmkit.common import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_GUIDANCE, MAX_SAMPLES, SPACING
 
 from ._checks import (
     as_float_array,
@@ -544,8 +544,8 @@ def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float 
                    null_class=None, guidance_rescale: float = 0.0) -> SamplerInfo:
     """The checks of ``sample``, for a caller that draws noise first: the sampler's row, or ValueError naming
     the argument (an unknown sampler, steps outside 1..T, η < 0 or η with a sampler that has none, guidance
-    below 0 or for an unconditional model, ``null_class`` None, a guidance rescale φ outside [0, 1] or for an
-    unconditional model)."""
+    below 0, above ``common.MAX_GUIDANCE`` or for an unconditional model, ``null_class`` None, a guidance
+    rescale φ outside [0, 1] or for an unconditional model)."""
     info = sampler_info(sampler)
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or not 1 <= num_steps <= schedule.T:
         raise ValueError(f"steps must be in 1..{schedule.T} (the model's T), got {num_steps!r}")
@@ -557,8 +557,8 @@ def check_sampling(schedule: Schedule, sampler: str, num_steps: int, eta: float 
     if guidance is not None:
         if null_class is None:
             raise ValueError("guidance was given but the model is unconditional (no null class to guide from)")
-        if not _nonnegative(guidance):
-            raise ValueError(f"guidance must be >= 0, got {guidance!r}")
+        if not _nonnegative(guidance) or guidance > MAX_GUIDANCE:
+            raise ValueError(f"guidance must be >= 0 and at most {MAX_GUIDANCE:g}, got {guidance!r}")
     if not _nonnegative(guidance_rescale) or guidance_rescale > 1:
         raise ValueError(f"guidance rescale must be in [0, 1], got {guidance_rescale!r}")
     if guidance_rescale > 0 and null_class is None:
@@ -572,10 +572,10 @@ def _nonnegative(value) -> bool:
 
 def class_labels(n: int, num_classes: int, labels=None):
     """Labels y (n,) int64 for n samples of a model with ``num_classes`` classes: None → 0, 1, …, K−1 in turn; a
-    class id → all that class; an array of n class ids, checked. None for an unconditional model (K = 0),
-    which refuses labels. ValueError naming the problem."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    class id → all that class; an array of n class ids, checked; n at most ``common.MAX_SAMPLES``. None for an
+    unconditional model (K = 0), which refuses labels. ValueError naming the problem."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"n must be an int >= 1 and at most {MAX_SAMPLES}, got {n!r:.40}")
     if num_classes == 0:
         if labels is not None:
             raise ValueError("labels were given but the model is unconditional (trained without labels)")
@@ -583,6 +583,8 @@ def class_labels(n: int, num_classes: int, labels=None):
     if labels is None:
         return np.arange(n, dtype=np.int64) % num_classes
     if isinstance(labels, (numbers.Integral, np.integer)) and not isinstance(labels, bool):
+        if not 0 <= labels < num_classes:  # before int64 could overflow
+            raise ValueError(f"class id must be in 0..{num_classes - 1}, got {int(labels)!r:.40}")
         labels = np.full(n, int(labels), dtype=np.int64)
     arr = np.asarray(labels)
     if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):

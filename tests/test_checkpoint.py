@@ -213,7 +213,7 @@ def _saved(tmp_path, edit):
     (lambda c: c["config"]["unet"].pop("dropout"),
      r"bad checkpoint config: config\.unet is missing key\(s\) \['dropout'\]"),
     (lambda c: c["config"].update(extra=1), r"bad checkpoint config: config has unknown key\(s\) \['extra'\]"),
-    (lambda c: c.update(step=-1), r"checkpoint step must be an int >= 0, got -1"),
+    (lambda c: c.update(step=-1), r"checkpoint step must be an int in 0..1000000000, got -1"),
     (lambda c: c.update(metrics=[1]), r"checkpoint metrics must be a dict, got list"),
     (lambda c: c["unet"].update({"conv_in.weight": torch.zeros(8, 2, 3, 3 + 1)}),
      r"checkpoint unet\['conv_in.weight'\] has shape \(8, 2, 3, 4\), but the config's model has \(8, 2, 3, 3\)"),

@@ -102,7 +102,7 @@ def test_from_dict_accepts_ints_for_floats_and_lists_for_tuples():
     (lambda: VAEConfig(likelihood="laplace"), "likelihood must be one of"),
     (lambda: UNetConfig(attention_levels=(2,)), r"attention_levels must be in 0\.\.1"),
     (lambda: UNetConfig(num_heads=3), "not divisible by num_heads"),
-    (lambda: UNetConfig(num_classes=-1), "num_classes must be >= 0"),
+    (lambda: UNetConfig(num_classes=-1), r"num_classes must be in \[0, 100000\], got -1"),
     (lambda: DiffusionConfig(schedule="quadratic"), "schedule must be one of"),
     (lambda: DiffusionConfig(prediction="score"), "prediction must be one of"),
     (lambda: TrainConfig(precision="fp16"), "precision must be one of"),

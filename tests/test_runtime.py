@@ -150,6 +150,51 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_weight(path: Path) -> None:
+    """One weight of the model changed (a valid model, as an editor would leave it)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(init).copy()
+    array.flat[0] += 1.0
+    init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(model, path)
+
+
+def _edit_node(path: Path) -> None:
+    """The first Add of the model made a Sub (a valid model that computes something else)."""
+    import onnx
+
+    model = onnx.load(path)
+    next(n for n in model.graph.node if n.op_type == "Add").op_type = "Sub"
+    onnx.save(model, path)
+
+
+def _retag(art: Path, edit) -> None:
+    """sampler.json edited, each model's ldmkit digest metadata set to the edited model's, files re-hashed:
+    consistent, as a careful forger would leave it."""
+    import onnx
+
+    from ldmkit.common import from_dict
+    from ldmkit.export import manifest as M
+
+    _edit(art / "sampler.json", edit)
+    digest = M.model_digest(from_dict(M.Model, json.loads((art / "sampler.json").read_text())["model"], "model"))
+    for name in M.FILES.values():
+        model = onnx.load(art / name)
+        for prop in model.metadata_props:
+            if prop.key == rt.META_DIGEST:
+                prop.value = digest
+        onnx.save(model, art / name)
+    _rehash(art)
+
+
 def _cross(art: Path, other: Path) -> None:  # the unconditional export's files under the conditional manifest
     for name in ("unet.onnx", "vae_decoder.onnx", "sampler.onnx"):
         shutil.copy(other / name, art / name)
@@ -170,7 +215,7 @@ TAMPERING = {
     "key removed": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].pop("prediction")),
                     "model is missing key(s) ['prediction']"),
     "wrong type": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T="50")),
-                   "model.T must be an int >= 1"),
+                   "model.T must be an int in 1..10000"),
     "image shape edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(
         image_shape=[1, 32, 32])), "files.vae_decoder.outputs must be one output of shape ['batch', 1, 32, 32]"),
     "format version": (lambda art, o: _edit(art / "sampler.json", lambda m: m["format"].update(version=4)),
@@ -185,7 +230,29 @@ TAMPERING = {
     "sampler tampered": (lambda art, o: _flip_byte(art / "sampler.onnx"), "sampler.onnx does not match the sha256"),
     "files swapped": (lambda art, o: _swap(art, "unet.onnx", "vae_decoder.onnx"), "does not match the sha256"),
     "swapped, rehashed": (lambda art, o: (_swap(art, "unet.onnx", "sampler.onnx"), _rehash(art)),
-                          "differ from those sampler.json declares"),
+                          "sampler.onnx does not carry the weights and nodes of unet.onnx"),
+    # issues 12 and 13: edited and consistently re-hashed folders that crashed at load or ran on other weights
+    "T 1e10": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T=10**10)),
+               "model.T must be an int in 1..10000, got 10000000000"),
+    "T 2**63": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(T=2**63)),
+                "model.T must be an int in 1..10000"),
+    "guidance 1e30": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"]["defaults"].update(
+        guidance=1e30)), "model.defaults.guidance must be a float in [0, 100] or null"),
+    "latent scale inf": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(latent_scale=1e400)),
+                         "model.latent_scale must be a float in [1e-06, 1e+06]"),
+    "nested 100,000 deep": (lambda art, o: (art / "sampler.json").write_text("[" * 100_000 + "]" * 100_000),
+                            "sampler.json nests lists/objects more than 64 deep"),
+    "latent shape edited, re-tagged": (lambda art, o: _retag(art, lambda m: m["model"].update(latent_shape=[2, 4, 4])),
+                                       "model.latent_shape [2, 4, 4] is not the shape unet.onnx takes ([2, 8, 8])"),
+    "sampler.onnx cut, rehashed": (lambda art, o: (_cut(art / "sampler.onnx"), _rehash(art)),
+                                   "sampler.onnx is not a valid ONNX model"),
+    "decoder weight edited, rehashed": (lambda art, o: (_edit_weight(art / "vae_decoder.onnx"), _rehash(art)),
+                                        "sampler.onnx does not carry the weights and nodes of vae_decoder.onnx"),
+    "unet node edited, rehashed": (lambda art, o: (_edit_node(art / "unet.onnx"), _rehash(art)),
+                                   "sampler.onnx does not carry the weights and nodes of unet.onnx (first difference: "
+                                   "'node "),
+    "unet weight edited, rehashed": (lambda art, o: (_edit_weight(art / "unet.onnx"), _rehash(art)),
+                                     "sampler.onnx does not carry the weights and nodes of unet.onnx"),
     "other export's files": (lambda art, o: _cross(art, o), "unet.onnx: its inputs"),
     "file missing": (lambda art, o: (art / "vae_decoder.onnx").unlink(), "vae_decoder.onnx is missing"),
     "manifest missing": (lambda art, o: (art / "sampler.json").unlink(), "is a folder without sampler.json"),

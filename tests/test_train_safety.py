@@ -378,7 +378,7 @@ def _tamper(ckpt, kind):
     elif kind == "lr":
         group["lr"] = float("inf")
     elif kind == "ckpt_step":
-        ckpt["step"] = 10 ** 12
+        ckpt["step"] = 10 ** 9  # the most a checkpoint may hold (more is refused at load, whatever the run)
     return ckpt
 
 
@@ -386,7 +386,8 @@ def _tamper(ckpt, kind):
     ("empty", "optimizer must be a torch optimizer state dict (keys 'state' and 'param_groups'), got keys []"),
     ("shape", "optimizer state[0]['exp_avg'] must be a dense CPU torch.float32 tensor of shape"),
     ("dtype", "optimizer state[0]['exp_avg'] must be a dense CPU torch.float32 tensor"),
-    ("sparse", "optimizer state[0]['exp_avg_sq'] must be a dense CPU torch.float32 tensor"),
+    ("sparse", "tensor ['optimizer']['state'][0]['exp_avg_sq'] is torch.sparse_coo, cpu; ldmkit checkpoints hold "
+               "dense (torch.strided) CPU tensors only"),  # refused at load, before the optimizer check
     ("nan", "optimizer state[0]['exp_avg'] holds a non-finite value"),
     ("negative", "optimizer state[0]['exp_avg_sq'] holds a non-finite or negative value"),
     ("step", "optimizer state[0]['step'] must be a whole number in 1..2 (the stage's steps so far), got 1000000.0"),
@@ -396,7 +397,7 @@ def _tamper(ckpt, kind):
     ("betas", "optimizer param_groups[0]['betas'] is (0.5, 0.5), but the run's config gives (0.9, 0.999)"),
     ("weight_decay", "optimizer param_groups[0]['weight_decay'] is tensor([1., 2.]), but the run's config gives 0.0"),
     ("lr", "optimizer param_groups[0]['lr'] must be a finite float >= 0, got inf"),
-    ("ckpt_step", f"checkpoint step 1000000000000 is past the end of its run (4 VAE + 12 U-Net steps = {TOTAL})"),
+    ("ckpt_step", f"checkpoint step 1000000000 is past the end of its run (4 VAE + 12 U-Net steps = {TOTAL})"),
 ])
 def test_resume_refuses_tampered_optimizer_state(unet_stage_checkpoint, tmp_path, kind, message):
     """Each tampering: exit 2, one line naming the checkpoint and the problem, nothing written."""
@@ -431,12 +432,24 @@ def test_resume_of_a_finished_run_does_nothing(unet_stage_checkpoint, tmp_path):
     (1, r"^the U-Net parameter \S+ became non-finite at step 5: training stopped; the last good checkpoint "
         r"\(.*, step 4\)"),
 ])
-def test_an_infinite_learning_rate_stops_before_writing(digits, tmp_path, checkpoint_every, message):  # noqa: F811
-    """train.lr = inf (which config validation may refuse first; the loop must not rely on it): the first
-    U-Net step makes the parameters non-finite. Checked at the next loss, or at the checkpoint of that very
-    step: training stops and the VAE-stage checkpoint stays as it was, finite."""
+def test_non_finite_parameters_stop_before_writing(digits, tmp_path, monkeypatch, checkpoint_every,  # noqa: F811
+                                                    message):
+    """The U-Net's first optimizer step (global step 5) leaves a parameter infinite, as a learning rate that
+    overflows would (config validation refuses lr = inf, so the loop's own checks are tested by poisoning the
+    step). Checked at the next loss, or at the checkpoint of that very step: training stops and the
+    VAE-stage checkpoint stays as it was, finite."""
+    original, calls = torch.optim.AdamW.step, []
+
+    def poisoned(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:  # steps 1..4 are the VAE's
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     config = config_of(digits, checkpoint_every=checkpoint_every)
-    config.train.lr = float("inf")
     out = tmp_path / "run"
     with pytest.raises(T.TrainingDiverged, match=message):
         T.train(config, out, device="cpu")

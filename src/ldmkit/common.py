@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import secrets
 import types
@@ -20,8 +22,32 @@ from typing import IO, Any
 
 from ldmkit import __version__
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "SPACING", "__version__", "atomic_write",
-           "checked", "from_dict", "one_line", "to_plain"]
+__all__ = [
+    "DEFAULT_GUIDANCE",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
+    "LIMITS",
+    "MAX_GUIDANCE",
+    "MAX_JSON_BYTES",
+    "MAX_NESTING",
+    "MAX_SAMPLES",
+    "MAX_T",
+    "SPACING",
+    "LdmkitNote",
+    "NonFiniteOutput",
+    "__version__",
+    "atomic_write",
+    "check_finite_floats",
+    "check_nesting",
+    "check_stages",
+    "checked",
+    "from_dict",
+    "nesting_depth",
+    "one_line",
+    "read_json",
+    "sampling_stages",
+    "to_plain",
+]
 
 DEFAULT_SAMPLER = "dpmpp2m"
 """The sampler that ``ldmkit sample``, the training grids, ``ldmkit eval`` and sampler.json use by default:
@@ -39,6 +65,98 @@ on the demo model w = 2 keeps DDIM-50's class accuracy within a point of w = 3 w
 SPACING = "trailing"
 """The step list every product path samples on: ``reference.schedules.timesteps(N, T, "trailing")``, which
 starts at t = T (Lin et al. 2024) so that sampling starts from the noise level training ends at."""
+
+
+# ------------------------------------------------------------------------------------------------------
+# limits: checked before anything is allocated (README, "Reliability and limits")
+# ------------------------------------------------------------------------------------------------------
+
+MAX_T = 10_000
+"""The most diffusion steps T a config, a checkpoint or sampler.json may declare (the ᾱ table has T + 1 rows)."""
+
+MAX_SAMPLES = 10_000
+"""The most images one sampling call draws (``-n``): they are sampled as one batch."""
+
+MAX_GUIDANCE = 100.0
+"""Classifier-free guidance w must lie in [0, MAX_GUIDANCE]: ε_∅ + w(ε_y − ε_∅) stays far from float32's
+range (3.4e38) for any model whose outputs are, and the samples are checked for non-finite values anyway."""
+
+MAX_NESTING = 64
+"""The deepest nesting of lists/dicts accepted in a checkpoint, a config or sampler.json (ldmkit writes 5)."""
+
+MAX_JSON_BYTES = 64 << 20
+"""The largest config.json or sampler.json read (sampler.json at T = MAX_T is about 250 kB)."""
+
+LIMITS = {"T": MAX_T, "n": MAX_SAMPLES, "guidance": MAX_GUIDANCE, "nesting": MAX_NESTING,
+          "json_bytes": MAX_JSON_BYTES}
+
+
+class LdmkitNote(UserWarning):
+    """Something a user should know that is not an error (one line; the command line prints it as "note: ..."
+    on stderr when the command succeeds), e.g. a checkpoint without a content digest."""
+
+
+class NonFiniteOutput(ValueError):
+    """A computation produced NaN or ±inf where a finite result is due (samples, metrics); the message names
+    the stage (the checkpoint's weights, its latent scale, or the sampler). Nothing is written."""
+
+
+def sampling_stages(latent_scale, sampler: str, guidance) -> list[str]:
+    """The stages of sampling whose outputs ``check_stages`` checks, in order, as an error names them."""
+    return [f"the sampler ({sampler}, guidance {guidance}: the U-Net's weights or the guidance)",
+            f"the latent scale (z_0 times latent_scale {latent_scale})", "the VAE decoder (its weights)"]
+
+
+def check_stages(stages: list[str], finite: list[bool]) -> None:
+    """NonFiniteOutput naming the first of ``stages`` whose output is not all finite (``finite[i]`` False)."""
+    for stage, ok in zip(stages, finite, strict=True):
+        if not ok:
+            raise NonFiniteOutput(f"sampling produced NaN or inf in {stage}; no images were written")
+
+
+def nesting_depth(value, limit: int = MAX_NESTING) -> int:
+    """How deeply lists, tuples and dicts nest in ``value`` (a scalar: 0), counted without recursion and
+    stopping at ``limit`` + 1, so a hostile 100,000-deep structure costs no more than a legal one."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def check_nesting(value, where: str) -> None:
+    """ValueError naming ``where`` when ``value`` nests deeper than ``MAX_NESTING``."""
+    if nesting_depth(value) > MAX_NESTING:
+        raise ValueError(f"{where} nests lists/objects more than {MAX_NESTING} deep: not an ldmkit file")
+
+
+def read_json(path, what: str):
+    """The JSON value in file ``path`` (``what`` names it in errors): at most ``MAX_JSON_BYTES``, UTF-8, valid
+    JSON, nested at most ``MAX_NESTING`` deep; ValueError otherwise (never RecursionError or MemoryError)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {size} bytes, more than the {MAX_JSON_BYTES} a {what} may have")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {one_line(exc)}") from exc
+    except RecursionError as exc:
+        raise ValueError(f"{path} nests lists/objects more than {MAX_NESTING} deep: not an ldmkit file") from exc
+    check_nesting(value, str(path))
+    return value
+
+
+def check_finite_floats(values: dict, where: str) -> None:
+    """NonFiniteOutput naming the first key of ``values`` (a flat dict) whose float is NaN or ±inf."""
+    bad = [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteOutput(f"{where}: {bad[0]} is {values[bad[0]]} (non-finite); nothing was written")
 
 
 def one_line(exc: BaseException | str, limit: int | None = None, first: bool = False) -> str:
