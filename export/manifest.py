@@ -11,7 +11,11 @@
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
+    quantization    null (a float32 U-Net), or ``Quantization``: unet.onnx is int8 (``ldmkit export onnx
+                    --quantize int8``): the scheme, the nodes kept in float, the calibration data, the quality gate
     checkpoint      the checkpoint it came from (file name, step)
+
+Version 3 added ``quantization``; a version-2 manifest reads as one with ``quantization`` null (float32).
 
 Each .onnx carries the sha256 of the canonical JSON of ``model`` (``model_digest``) in its metadata, so a
 file and a manifest from different exports do not pass as one artifact.
@@ -32,7 +36,8 @@ from ldmkit.reference.samplers import SAMPLERS
 from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
 
 FORMAT_NAME = "ldmkit-onnx"
-FORMAT_VERSION = 2  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); model.graph_samplers names them
+FORMAT_VERSION = 3  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); 3: quantization (int8 U-Net)
+READS = (2, 3)
 MANIFEST = "sampler.json"
 FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
 GRAPH_SAMPLERS = ("ddim", "dpmpp2m")
@@ -97,6 +102,21 @@ class File:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How unet.onnx (and the sampler.onnx built from it) was quantised (``export.quantize``): ``precision``,
+    the scheme in words, the node types quantised, the nodes kept in float32, the calibration data (sampler,
+    steps, guidance, images, seed, latents), the quality gate's figures and the sampler.onnx check."""
+
+    precision: str = checked("'int8'", lambda v: v == "int8")
+    scheme: str
+    op_types: tuple[str, ...] = checked("a list of ONNX op types")
+    float_nodes: tuple[str, ...] = checked("a list of node names")
+    calibration: dict
+    quality: dict
+    sampler_check: dict
+
+
+@dataclass(frozen=True)
 class Manifest:
     """sampler.json (see the module docstring)."""
 
@@ -107,10 +127,16 @@ class Manifest:
     files: dict[str, File]
     conventions: dict
     parity: dict
+    quantization: Quantization | None
     checkpoint: dict
 
     def to_dict(self) -> dict:
         return to_plain(self)
+
+    @property
+    def unet_precision(self) -> str:
+        """The U-Net's precision: "int8" or "float32"."""
+        return "float32" if self.quantization is None else self.quantization.precision
 
 
 def model_digest(model: Model) -> str:
@@ -138,9 +164,11 @@ def read_manifest(folder) -> Manifest:
     fmt = raw.get("format") if isinstance(raw, dict) else None
     if not isinstance(fmt, dict) or fmt.get("name") != FORMAT_NAME:
         raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")
-    if fmt.get("version") != FORMAT_VERSION:
+    if fmt.get("version") not in READS:
         raise ValueError(f"{path}: format version {fmt.get('version')!r} is not supported; this ldmkit "
-                         f"({__version__}) reads version {FORMAT_VERSION}")
+                         f"({__version__}) reads versions {list(READS)}")
+    if fmt["version"] == 2:  # before quantization: a float32 U-Net
+        raw = {**raw, "quantization": raw.get("quantization")}
     manifest = from_dict(Manifest, raw, f"{path}:")
     manifest.model.check(str(path))
     for role, name in FILES.items():

@@ -40,7 +40,7 @@ def test_artifact_files_and_manifest(onnx_artifacts, tiny_checkpoints):
     assert sorted(p.name for p in art.iterdir()) == ["sampler.json", "sampler.onnx", "unet.onnx", "vae_decoder.onnx"]
     manifest = json.loads((art / "sampler.json").read_text())
     model = manifest["model"]
-    assert manifest["format"] == {"name": "ldmkit-onnx", "version": 2} and manifest["opset"] == E.DEFAULT_OPSET
+    assert manifest["format"] == {"name": "ldmkit-onnx", "version": 3} and manifest["opset"] == E.DEFAULT_OPSET
     assert model["T"] == 50 and len(model["alpha_bars"]) == 51 and model["alpha_bars"][0] == 1.0
     np.testing.assert_array_equal(model["alpha_bars"], Schedule.named("linear", 50).alpha_bars)
     assert model["defaults"]["timesteps"] == timesteps(8, 50, "trailing").tolist() and model["defaults"]["steps"] == 8

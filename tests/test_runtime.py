@@ -173,8 +173,8 @@ TAMPERING = {
                    "model.T must be an int >= 1"),
     "image shape edited": (lambda art, o: _edit(art / "sampler.json", lambda m: m["model"].update(
         image_shape=[1, 32, 32])), "files.vae_decoder.outputs must be one output of shape ['batch', 1, 32, 32]"),
-    "format version": (lambda art, o: _edit(art / "sampler.json", lambda m: m["format"].update(version=3)),
-                       "format version 3 is not supported"),
+    "format version": (lambda art, o: _edit(art / "sampler.json", lambda m: m["format"].update(version=4)),
+                       "format version 4 is not supported"),
     "not json": (lambda art, o: (art / "sampler.json").write_text("{"), "sampler.json is not valid JSON"),
     "not a manifest": (lambda art, o: (art / "sampler.json").write_text("[1, 2]"), "is not an ldmkit ONNX manifest"),
     "declared input renamed": (lambda art, o: _edit(art / "sampler.json", lambda m: m["files"]["unet"]["inputs"][0]
