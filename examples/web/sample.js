@@ -6,7 +6,7 @@
 // (N, C, H, W) .npy instead of drawing it from the seed (the seeded draw is this page's own, not NumPy's).
 // The result is left in window.ldmkit = {state: "done" | "error", error, images, dims, labels, seconds}.
 
-const FORMAT = { name: "ldmkit-onnx", version: 2 };
+const FORMAT = { name: "ldmkit-onnx", versions: [2, 3] };  // 3: quantization (an int8 U-Net)
 const MAX_IMAGES = 256;
 const MAX_GUIDANCE = 100;
 const $ = (id) => document.getElementById(id);
@@ -41,8 +41,8 @@ async function sha256(bytes) {
 
 function checkManifest(m) {  // the fields this page uses, as ldmkit's runtime reads them (export/manifest.py)
   if (m?.format?.name !== FORMAT.name) fail(`sampler.json is not an ldmkit ONNX manifest (format name "${FORMAT.name}" missing)`);
-  if (m.format.version !== FORMAT.version) {
-    fail(`sampler.json: format version ${m.format.version} is not supported; this page reads version ${FORMAT.version}`);
+  if (!FORMAT.versions.includes(m.format.version)) {
+    fail(`sampler.json: format version ${m.format.version} is not supported; this page reads versions ${FORMAT.versions.join(", ")}`);
   }
   const { model, files } = m;
   const ok = model && Number.isInteger(model.T) && model.T >= 1 && Number.isInteger(model.num_classes) &&
