@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         t = torch.randint(1, config.diffusion.T + 1, (b,), generator=g)
         return x, t, torch.randint(0, k + 1, (b,), generator=g) if k else None
 
-    print(f"\n{'path':28s} {'run':>11s} {'images':>6s} {'s/run best':>10s} {'median':>8s} {'images/s':>9s} "
+    print(f"\n{'path':34s} {'run':>11s} {'images':>6s} {'s/run best':>10s} {'median':>8s} {'images/s':>9s} "
           f"{'vs torch':>9s} {'ceiling':>8s} {'max |Δ| vs torch':>17s}")
     best_of = {}
     for n in batches:
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             torch_best, _, torch_images = results[0][1]
             for name, (best, med, images) in results:
                 best_of[name, sampler, steps, n] = best
-                print(f"{name:28s} {f'{sampler}-{steps}':>11s} {n:6d} {best:10.3f} {med:8.3f} {n / best:9.1f} "
+                print(f"{name:34s} {f'{sampler}-{steps}':>11s} {n:6d} {best:10.3f} {med:8.3f} {n / best:9.1f} "
                       f"{torch_best / best:8.2f}x {torch_best / (run_gflop / peak):7.2f}x "
                       f"{np.abs(images - torch_images).max():17.1e}")
 
@@ -179,9 +179,9 @@ def main(argv=None) -> int:
         for sampler, steps in args.runs[1:]:
             gains = ", ".join(f"batch {n}: {best_of[name, base[0], base[1], n] / best_of[name, sampler, steps, n]:.2f}x"
                               for n in batches)
-            print(f"  {name:28s} {sampler}-{steps}: {gains}")
+            print(f"  {name:34s} {sampler}-{steps}: {gains}")
 
-    print(f"\n{'U-Net call':30s} {'GFLOP':>7s} {'ms best':>8s} {'median':>8s} {'cpu ms':>8s} {'GFLOP/s':>8s} "
+    print(f"\n{'U-Net call':38s} {'GFLOP':>7s} {'ms best':>8s} {'median':>8s} {'cpu ms':>8s} {'GFLOP/s':>8s} "
           f"{'of matmul':>9s} {'vs f32 ORT':>10s} {'(cpu)':>6s} {'vs torch':>8s} {'(cpu)':>6s}")
     sessions = {(name, n): OnnxSampler(art / name, provider="cpu", threads=n).unet_fn
                 for name in ("float32", "int8") for n in args.ort_threads}
@@ -206,7 +206,7 @@ def main(argv=None) -> int:
                 f32[threads] = (med, cpu)
             ref = f32.get(threads) if "int8" in name else None
             vs_f32 = f"{ref[0] / med:9.2f}x {ref[1] / cpu:5.2f}x" if ref else f"{'':10s} {'':6s}"
-            print(f"{name + f', batch {b}':30s} {flops / 1e9:7.2f} {best * 1e3:8.1f} {med * 1e3:8.1f} {cpu * 1e3:8.1f} "
+            print(f"{name + f', batch {b}':38s} {flops / 1e9:7.2f} {best * 1e3:8.1f} {med * 1e3:8.1f} {cpu * 1e3:8.1f} "
                   f"{rate:8.1f} {rate / peak:8.0%} {vs_f32} {torch_med / med:7.2f}x {torch_cpu / cpu:5.2f}x")
     if args.quality:
         from ldmkit.engine.data import center_crop, load_dataset
