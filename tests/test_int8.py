@@ -141,3 +141,21 @@ def test_quantize_bad_value(tiny_checkpoints, tmp_path):
     result = CliRunner().invoke(main, ["export", "onnx", str(tiny_checkpoints["cond"]), "-o", str(tmp_path / "y"),
                                        "--quantize", "int4"])
     assert result.exit_code == 2 and "int4" in result.output and not (tmp_path / "y").exists()
+
+
+def test_unconditional_int8_export(tiny_checkpoints, tmp_path, monkeypatch):
+    """No labels, no guidance, v-prediction, opset 20, a float32 loop: calibration on unguided calls (n rows),
+    the gate passes, and sampler.onnx's float32 loop keeps to the Python loop on the mean (INT8_FLOAT32_LOOP_MEAN)."""
+    monkeypatch.setattr(Q, "GATE_SAMPLES", 200)
+    out = E.export_onnx(tiny_checkpoints["uncond"], tmp_path / "u8", opset=20, steps=5, precision="float32",
+                        quantize="int8", log=lambda line: None)
+    q = json.loads((out / "sampler.json").read_text())["quantization"]
+    assert q["calibration"]["guidance"] is None and q["calibration"]["latents"] == 5 * 64
+    assert q["quality"]["passed"] and q["quality"]["samples"] == 200
+    assert q["sampler_check"]["mean_abs_error"] <= E.INT8_FLOAT32_LOOP_MEAN
+    runner = OnnxSampler(out, provider="cpu")
+    x_T = np.random.default_rng(2).standard_normal((3, *runner.latent_shape), dtype=np.float32)
+    loop = runner.sample(3, None, "dpmpp2m", 5, noise=(x_T, None))
+    graph = runner.sample_graph(3, None, 5, noise=(x_T, None))
+    assert runner.precision == "int8" and loop.shape == graph.shape == (3, 1, 32, 32)
+    assert np.abs(loop - graph).mean() <= E.INT8_FLOAT32_LOOP_MEAN
