@@ -11,7 +11,12 @@
     files           role ("unet", "vae_decoder", "sampler") → ``File``: path, sha256, declared inputs/outputs
     conventions     plain-language notes for hosts that drive unet.onnx themselves
     parity          the export's checks against torch (max abs errors, tolerance)
+    quantization    null (a float32 U-Net), or ``Quantization``: unet.onnx is int8 (``ldmkit export onnx
+                    --quantize int8``): the scheme, the nodes kept in float, the calibration data, the quality gate
     checkpoint      the checkpoint it came from (file name, step)
+
+Version 3 added ``model.zero_terminal_snr``, ``defaults.guidance_rescale`` and ``quantization``; earlier
+versions are refused (export again).
 
 Each .onnx carries the sha256 of the canonical JSON of ``model`` (``model_digest``) in its metadata, so a
 file and a manifest from different exports do not pass as one artifact.
@@ -33,7 +38,8 @@ from ldmkit.reference.schedules import SCHEDULE_NAMES, Schedule, timesteps
 
 FORMAT_NAME = "ldmkit-onnx"
 FORMAT_VERSION = 3  # 2: sampler.onnx takes a method (DDIM or DPM-Solver++(2M)); model.graph_samplers names them
-# 3: model.zero_terminal_snr (R2), defaults.guidance_rescale (R3; sampler.onnx's optional guidance_rescale input)
+# 3: model.zero_terminal_snr (R2), defaults.guidance_rescale (R3; sampler.onnx's optional guidance_rescale input),
+# quantization (an int8 U-Net)
 MANIFEST = "sampler.json"
 FILES = {"unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx", "sampler": "sampler.onnx"}
 GRAPH_SAMPLERS = ("ddim", "dpmpp2m")
@@ -121,6 +127,21 @@ class File:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How unet.onnx (and the sampler.onnx built from it) was quantised (``export.quantize``): ``precision``,
+    the scheme in words, the node types quantised, the nodes kept in float32, the calibration data (sampler,
+    steps, guidance, images, seed, latents), the quality gate's figures and the sampler.onnx check."""
+
+    precision: str = checked("'int8'", lambda v: v == "int8")
+    scheme: str
+    op_types: tuple[str, ...] = checked("a list of ONNX op types")
+    float_nodes: tuple[str, ...] = checked("a list of node names")
+    calibration: dict
+    quality: dict
+    sampler_check: dict
+
+
+@dataclass(frozen=True)
 class Manifest:
     """sampler.json (see the module docstring)."""
 
@@ -131,10 +152,16 @@ class Manifest:
     files: dict[str, File]
     conventions: dict
     parity: dict
+    quantization: Quantization | None
     checkpoint: dict
 
     def to_dict(self) -> dict:
         return to_plain(self)
+
+    @property
+    def unet_precision(self) -> str:
+        """The U-Net's precision: "int8" or "float32"."""
+        return "float32" if self.quantization is None else self.quantization.precision
 
 
 def model_digest(model: Model) -> str:
@@ -162,7 +189,7 @@ def read_manifest(folder) -> Manifest:
         raise ValueError(f"{path} is not an ldmkit ONNX manifest (format name {FORMAT_NAME!r} missing)")
     if fmt.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {fmt.get('version')!r} is not supported; this ldmkit "
-                         f"({__version__}) reads version {FORMAT_VERSION}")
+                         f"({__version__}) reads version {FORMAT_VERSION}: export the checkpoint again")
     manifest = from_dict(Manifest, raw, f"{path}:")
     manifest.model.check(str(path))
     for role, name in FILES.items():

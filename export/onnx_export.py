@@ -7,6 +7,13 @@ and 5; the whole of sampler.onnx is checked against the torch engine's ``generat
 Any maximum absolute error above the tolerance (relative to the output's scale, below) fails the export.
 Files are written into a temporary folder beside the destination and renamed into place at the end, so a
 failed export leaves nothing behind.
+
+``quantize="int8"`` (``ldmkit export onnx --quantize int8``) then replaces unet.onnx by an int8 U-Net and
+sampler.onnx by the graph built from it, in place of the float32 ones (same file names, inputs and outputs,
+so hosts and the runtime load it unchanged): ``export.quantize`` calibrates it on the model's own sampling
+trajectories and judges its samples against float32's; an int8 U-Net beyond ``GATE_MARGIN`` is refused.
+sampler.onnx is then held to the Python runtime's loop on the same int8 unet.onnx and noise (``TOLERANCE`` for a
+float64 loop, ``INT8_FLOAT32_LOOP_MEAN`` for a float32 one).
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPAC
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.data import center_crop
 from ldmkit.engine.sample import generate, models_from_checkpoint
+from ldmkit.reference import samplers as R
 from ldmkit.reference.schedules import timesteps
 
 from . import manifest as M
+from . import quantize as Q
 from . import runtime as rt
 from .sampler_graph import PRECISIONS, build_sampler
 
@@ -40,6 +49,11 @@ DEFAULT_OPSET = 18  # the dynamo exporter's lowest; as fast here as 20, 21 and 2
 #: a graph passes when max |onnx − torch| <= TOLERANCE · max(1, max |torch|): float32 round-off. It holds for
 #: sampler.onnx's whole loop too (images in [0, 1]; measured ≈1e-6 after 50 guided DDIM steps of the demo model)
 TOLERANCE = 1e-4
+#: the int8 sampler.onnx against the Python loop (float64) on the same int8 unet.onnx and noise. A float64 loop feeds
+#: the U-Net the same float32 inputs bit for bit, so TOLERANCE holds (measured 3e-7 on the demo model). A float32
+#: loop's x differs by float32 round-off, which a QuantizeLinear can round to the next step; the ODE carries that
+#: jump on (the demo: max 0.14, mean 2.5e-3 at 10 steps), so there the mean abs error is held to this instead
+INT8_FLOAT32_LOOP_MEAN = 1e-2
 PARITY_BATCHES = (2, 5)
 
 
@@ -157,6 +171,72 @@ def _parity_loop(session, config, vae, unet, steps: int, guidance, log) -> float
     return worst
 
 
+def _unet_fn(session, k: int):
+    """A NumPy model callable on a unet.onnx session (as ``runtime.OnnxSampler.unet_fn``)."""
+    def fn(x, t, y=None):
+        feeds = {"x_t": np.ascontiguousarray(x, dtype=np.float32), "t": np.asarray(t, dtype=np.int64)}
+        if k:
+            feeds["y"] = np.full(len(feeds["t"]), k, dtype=np.int64) if y is None else np.asarray(y, dtype=np.int64)
+        return session.run(None, feeds)[0]
+    return fn
+
+
+def _int8(models: dict, sessions: dict, config, vae, unet, schedule, steps: int, guidance, precision: str,
+          digest: str, log):
+    """The int8 unet.onnx and the sampler.onnx built from it: ({role: serialized model}, {role: session},
+    sampler.json's ``quantization`` entry). ``models``/``sessions``: the float32 export's, checked against torch.
+    ExportError when the gate refuses the int8 U-Net or sampler.onnx leaves the Python loop (``export.quantize``)."""
+    k, T, sampler, null = config.unet.num_classes, config.diffusion.T, DEFAULT_SAMPLER, config.unet.num_classes or None
+    feeds = Q.calibration_feeds(config, unet, schedule, sampler, steps, guidance)
+    with _quiet():
+        unet8 = Q.quantize_unet(models["unet"], feeds, Q.INT8_OP_TYPES, Q.float_nodes(models["unet"].graph))
+    unet8 = _tag(unet8, "unet", digest)
+    graph8 = _tag(build_sampler(unet8, models["vae_decoder"], schedule, config.diffusion.prediction, null, precision),
+                  "sampler", digest)
+    blobs = {"unet": unet8.SerializeToString(), "sampler": graph8.SerializeToString()}
+    new = {role: _session(data, role) for role, data in blobs.items()}
+    gate = Q.quality(_unet_fn(sessions["unet"], k), _unet_fn(new["unet"], k), config, vae, schedule, sampler, steps,
+                     guidance)
+    log(f"int8 gate    {gate['samples']} samples per set: distribution shift {gate['shift']:.3f} of float32's "
+        f"noise floor (margin {gate['margin']:.2f}; excess {gate['excess']:+.3f})")
+    if not gate["passed"]:
+        raise ExportError(f"int8 U-Net refused: quantisation moves its samples by {gate['shift']:.2f} of float32's "
+                          f"noise floor (Frechet distance {gate['fd_int8_float32']:.4g} vs "
+                          f"{gate['fd_float32_floor']:.4g}), beyond the margin of {gate['margin']:.2f}")
+    n = 4
+    x_T = np.random.default_rng(3).standard_normal((n, *config.latent_shape), dtype=np.float32)
+    labels = np.arange(n, dtype=np.int64) % k if k else None
+    check = {"max_abs_error": 0.0, "mean_abs_error": 0.0}
+    for method, name in enumerate(M.GRAPH_SAMPLERS):
+        z = R.sample(_unet_fn(new["unet"], k), x_T, schedule, name, steps, 0.0, None, config.diffusion.prediction,
+                     labels, guidance, null)
+        want = sessions["vae_decoder"].run(None, {"z": z.astype(np.float32)})[0].astype(np.float64)
+        feeds_g = {"noise": x_T, "steps": np.array(steps, dtype=np.int64), "method": np.array(method)}
+        if k:
+            feeds_g.update(y=labels, guidance=np.array(1.0 if guidance is None else guidance, dtype=np.float32))
+        error = np.abs(new["sampler"].run(None, feeds_g)[0] - want)
+        worst, mean = float(error.max()), float(error.mean())
+        bound = TOLERANCE * max(1.0, float(np.abs(want).max())) if precision == "float64" else INT8_FLOAT32_LOOP_MEAN
+        log(f"parity {'sampler':12s} {f'int8 {name}-{steps} vs loop':22s} max abs error {worst:.3e}, mean {mean:.1e} "
+            f"({'max' if precision == 'float64' else 'mean'} tolerance {bound:.1e})")
+        if not (worst if precision == "float64" else mean) <= bound:
+            raise ExportError(f"the int8 sampler.onnx does not match the Python loop on the int8 unet.onnx ({name}-"
+                              f"{steps}): max abs error {worst:.3e}, mean {mean:.1e}, tolerance {bound:.1e}")
+        check = {"max_abs_error": max(check["max_abs_error"], worst), "mean_abs_error": max(check["mean_abs_error"],
+                                                                                            mean)}
+    check.update(tolerance={"max_abs_error": TOLERANCE} if precision == "float64" else
+                 {"mean_abs_error": INT8_FLOAT32_LOOP_MEAN},
+                 against=f"the Python runtime's loop (float64) on the int8 unet.onnx, "
+                         f"{' and '.join(M.GRAPH_SAMPLERS)}, {steps} steps, batch {n}, the same noise")
+    record = {"precision": "int8", "scheme": Q.SCHEME, "op_types": list(Q.INT8_OP_TYPES),
+              "float_nodes": Q.float_nodes(models["unet"].graph),
+              "calibration": Q.calibration_record(feeds, sampler, steps, T, guidance, Q.CALIBRATION_IMAGES,
+                                                  Q.CALIBRATION_SEED),
+              "quality": gate,
+              "sampler_check": check}
+    return blobs, new, record
+
+
 def _io(session) -> dict:
     return {"inputs": rt.describe_io(session.get_inputs()), "outputs": rt.describe_io(session.get_outputs())}
 
@@ -182,14 +262,17 @@ CONVENTIONS = {
 
 
 def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps: int = DEFAULT_STEPS,
-                force: bool = False, log=print, precision: str = "float64") -> Path:
+                force: bool = False, log=print, precision: str = "float64", quantize: str | None = None) -> Path:
     """Export ``checkpoint_path`` (an ldmkit checkpoint.pt, EMA U-Net weights) to ``out_dir`` (default: an
     ``onnx`` folder beside it); ``steps`` is the default step count recorded in sampler.json (and used for the
     sampler's parity check); ``precision`` is sampler.onnx's loop ("float64", or "float32": no float64 tensor
-    in the graph). Refuses a non-empty ``out_dir`` unless ``force``. ``log`` receives one line per check.
+    in the graph); ``quantize`` None (a float32 U-Net) or "int8" (module docstring). Refuses a non-empty
+    ``out_dir`` unless ``force``. ``log`` receives one line per check.
     Returns ``out_dir``. ValueError (ExportError for a failed check) leaves no output behind."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if quantize is not None and quantize not in Q.QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(Q.QUANTIZE)} or None, got {quantize!r}")
     checkpoint_path = Path(checkpoint_path)
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent / "onnx"
     if isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= onnx.defs.onnx_opset_version():
@@ -231,6 +314,12 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
     sessions = {role: _session(data, role) for role, data in blobs.items()}
     parity = _parity_models(sessions, unet, decoder, config, log)
     parity["sampler"] = _parity_loop(sessions["sampler"], config, vae, unet, steps, guidance, log)
+    quantization = None
+    if quantize == "int8":
+        blobs8, sessions8, quantization = _int8(models, sessions, config, vae, unet, schedule, steps, guidance,
+                                                precision, digest, log)
+        blobs.update(blobs8)
+        sessions.update(sessions8)
 
     manifest = {
         "format": {"name": M.FORMAT_NAME, "version": M.FORMAT_VERSION}, "ldmkit_version": __version__,
@@ -239,7 +328,9 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
                   for role in M.FILES},
         "parity": {"max_abs_error": parity, "tolerance": TOLERANCE,
                    "batches": list(PARITY_BATCHES),
-                   "sampler_check": f"{' and '.join(M.GRAPH_SAMPLERS)}, {steps} steps, batch 2, vs torch"},
+                   "sampler_check": f"{' and '.join(M.GRAPH_SAMPLERS)}, {steps} steps, batch 2, vs torch",
+                   "graphs": "float32" if quantize is None else "the float32 graphs, before quantization"},
+        "quantization": quantization,
         "checkpoint": {"file": checkpoint_path.name, "step": ckpt["step"]},
     }
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")

@@ -219,7 +219,8 @@ def check_session(session: ort.InferenceSession, entry: M.File, role: str, diges
 class OnnxSampler:
     """An exported artifact, loaded and checked (see the module docstring). ``provider``: 'auto' (CUDA where
     it loads, else CPU), 'cpu' or 'cuda' (ValueError rather than a silent CPU fallback); ``.provider`` is
-    what runs. ``threads``, ``spinning``: ONNX Runtime's thread pool (see ``session_options``)."""
+    what runs; ``.precision`` is the U-Net's ("float32", or "int8" from ``export onnx --quantize int8``).
+    ``threads``, ``spinning``: ONNX Runtime's thread pool (see ``session_options``)."""
 
     def __init__(self, path, provider: str = "auto", threads: int | None = None, spinning: bool = True):
         self.path = Path(path)
@@ -228,6 +229,7 @@ class OnnxSampler:
         self.schedule = self.model.make_schedule()
         self.latent_shape = tuple(self.model.latent_shape)
         self.num_classes = self.model.num_classes
+        self.precision = self.manifest.unet_precision  # the U-Net's: "float32" or "int8" (sampler.json)
         self._digest = M.model_digest(self.model)
         self._blobs = {role: _read_checked(self.path, self.manifest.files[role]) for role in M.FILES}
         self._providers = _providers(provider)

@@ -6,7 +6,7 @@
 // (N, C, H, W) .npy instead of drawing it from the seed (the seeded draw is this page's own, not NumPy's).
 // The result is left in window.ldmkit = {state: "done" | "error", error, images, dims, labels, seconds}.
 
-const FORMAT = { name: "ldmkit-onnx", version: 3 };
+const FORMAT = { name: "ldmkit-onnx", version: 3 };  // 3: zero terminal SNR, guidance rescale, quantization
 const MAX_IMAGES = 256;
 const MAX_GUIDANCE = 100;
 const $ = (id) => document.getElementById(id);

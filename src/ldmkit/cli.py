@@ -393,7 +393,8 @@ def _sample_onnx(folder, n, steps, sampler, eta, class_id, guidance, guidance_re
     else:
         images = runner.sample(n, class_id, sampler, steps, eta, guidance, seed, guidance_rescale=guidance_rescale)
     write_images(output, images, nrow=k if k and class_id is None else 8)
-    click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider}{', sampler.onnx' if graph else ''})")
+    click.echo(f"wrote {n} images to {output} (onnxruntime, {runner.provider}, {runner.precision} U-Net"
+               f"{', sampler.onnx' if graph else ''})")
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -413,13 +414,16 @@ def export_group() -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="sampler.onnx's loop; float32 has no float64 tensor (for runtimes without float64 kernels).")
-def export_onnx_command(checkpoint, out, opset, steps, force, precision):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="An int8 U-Net in unet.onnx and sampler.onnx, calibrated on the model's own sampling and refused "
+                   "if its samples are worse than float32's beyond a margin.")
+def export_onnx_command(checkpoint, out, opset, steps, force, precision, quantize):
     """Write unet.onnx, vae_decoder.onnx, sampler.onnx and sampler.json (checked against the torch models)."""
     from ldmkit.export.onnx_export import DEFAULT_OPSET, export_onnx
 
     path = export_onnx(checkpoint, out, DEFAULT_OPSET if opset is None else opset, steps, force, log=click.echo,
-                       precision=precision)
-    click.echo(f"wrote {path}")
+                       precision=precision, quantize=quantize)
+    click.echo(f"wrote {path}{' (int8 U-Net)' if quantize else ''}")
 
 
 # -------------------------------------------------------------------------------------------- eval
