@@ -103,7 +103,7 @@ def unet_flops(unet, x, t, y) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
     parser.add_argument("--batch", type=lambda v: [int(b) for b in v.split(",")], default=[4, 64],
                         help="images per sampling run, comma-separated (the U-Net sees 2x with guidance)")
