@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, one_line
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, write_errors
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
 
@@ -259,16 +259,6 @@ def prepare_output(out: Path, resume: bool) -> Path:
     return ckpt
 
 
-@contextlib.contextmanager
-def _writing(path: Path, kept: str = "") -> Iterator[None]:
-    """Turn an OSError of writing ``path`` in the block (a full disk, no permission) into one line naming
-    the file, the cause and ``kept`` (what was left as it was)."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(f"could not write {path}: {exc.strerror or one_line(exc)}{kept}") from exc
-
-
 #: ``progress(label, done, total, record)``: see :func:`train`.
 Progress = Callable[[str, int, int, dict | None], None]
 
@@ -389,7 +379,7 @@ class Trainer:
             self.progress(stage.label, self.step - stage.first, stage.steps, record)
         if self.tc.log_every and self.step % self.tc.log_every == 0:
             path = self.out / "metrics.jsonl"
-            with _writing(path, f"; training stopped at step {self.step}; {self.kept()}"), open(path, "a") as f:
+            with write_errors(path, f"; training stopped at step {self.step}; {self.kept()}"), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, opt: torch.optim.Optimizer, metrics: dict):
@@ -405,7 +395,7 @@ class Trainer:
             self.ema.n_averaged.fill_(max(self.step - self.tc.vae_steps, 0))
             ckpt = make_checkpoint(self.config, self.vae.state_dict(), self.unet.state_dict(),
                                    self.ema.module.state_dict(), opt.state_dict(), self.step, metrics)
-            with _writing(self.ckpt_path, f"; training stopped at step {self.step}; {self.kept()}"):
+            with write_errors(self.ckpt_path, f"; training stopped at step {self.step}; {self.kept()}"):
                 save_checkpoint(self.ckpt_path, ckpt)
         self.saved_step = self.step
         if self.run.world > 1:
@@ -604,7 +594,7 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         tr = Trainer(config, out, run, state, progress, stop_after, signals)
         if run.main:
             path = out / "config.json"
-            with _writing(path, "; nothing was trained"), atomic_write(path, binary=False) as f:
+            with write_errors(path, "; nothing was trained"), atomic_write(path, binary=False) as f:
                 f.write(json.dumps(config.to_dict(), indent=2) + "\n")
         if train_vae(tr, images) and train_unet(tr, images, labels) and run.world > 1:
             dist.barrier()  # no rank returns before the last checkpoint is written

@@ -443,10 +443,14 @@ def failing_writes(fail_at: int, code: int = errno.ENOSPC) -> Iterator[list]:
     over every ldmkit module that writes with it: checkpoints, config.json, eval.json, images, golden files)
     fails on its first write as a full disk (ENOSPC), a quota (EDQUOT), a refused write (EACCES) or a
     read-only file system (EROFS) does: the real writer's clean-up runs. Yields the paths written so far."""
+    import importlib
     import sys
 
     from ldmkit import common
 
+    for name in ("ldmkit.cli", "ldmkit.images", "ldmkit.reference.golden", "ldmkit.engine.checkpoint",
+                 "ldmkit.engine.train"):  # every writer, loaded now (a module loaded in the block would miss it)
+        importlib.import_module(name)
     real, calls = common.atomic_write, []
 
     class Failing:
@@ -459,7 +463,7 @@ def failing_writes(fail_at: int, code: int = errno.ENOSPC) -> Iterator[list]:
         with real(path, binary) as f:
             yield Failing() if len(calls) == fail_at else f
 
-    users = [m for name, m in list(sys.modules.items()) if name.startswith("ldmkit")
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("ldmkit") and m is not common
              and getattr(m, "atomic_write", None) is real]
     for m in users:
         m.atomic_write = atomic_write

@@ -6,7 +6,9 @@ The mutations live in ``tests/mutations.py`` (shared with the fuzz suite, tests/
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -330,3 +332,36 @@ def test_cli_holds_back_warnings(monkeypatch):
     assert result.exit_code == 2 and result.output == "Error: bad input\n"
     result = CliRunner().invoke(cmd, [])
     assert result.exit_code == 0 and result.output == "done\nnote: something to know\n"
+
+
+# ---------------------------------------------------------------------------------- failed writes (13.1)
+
+
+def stderr_one_line_exit_2(args, expected: str) -> None:
+    """As ``one_line_exit_2``, for commands that print results on stdout before they write: stderr alone."""
+    result = CliRunner().invoke(main, [str(a) for a in args])  # click >= 8.2 keeps stderr apart
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"Error: {expected}"], result.stderr
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_writers_name_the_path_on_a_failed_write(ckpt_path, tmp_path, code):
+    """eval.json, an image grid and a golden file whose write fails as a full disk or a refused write does:
+    one line naming the file and the cause, exit 2, no file or temporary file left."""
+    for args, path in ((["eval", ckpt_path, "--nll-images", 0, "--per-class", 0, "-o", tmp_path / "e.json"],
+                        tmp_path / "e.json"),
+                       (["sample", ckpt_path, "-n", 2, "--steps", 2, "-o", tmp_path / "g.png"], tmp_path / "g.png"),
+                       (["golden", "regen", "--dir", tmp_path / "golden"], tmp_path / "golden" / "schedules.npz")):
+        with mut.failing_writes(1, code):
+            stderr_one_line_exit_2(args, f"could not write {path}: {os.strerror(code)}")
+        assert [p.name for p in tmp_path.rglob("*")] == ["golden"] * (args[0] == "golden")
+
+
+def test_export_names_its_folder_on_a_full_disk(ckpt_path, tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "onnx"
+    stderr_one_line_exit_2(["export", "onnx", ckpt_path, "-o", out], f"could not write {out}: No space left on device")
+    assert list(tmp_path.iterdir()) == []
