@@ -43,13 +43,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, write_errors
+from ldmkit.common import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    MAX_SAMPLES,
+    atomic_write,
+    write_errors,
+)
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
 
 from . import diffusion as D
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from .config import Config
+from .config import GRID_PER_CLASS, Config
 from .data import load_dataset
 from .device import resolve_device
 from .models import VAE, UNet
@@ -580,6 +587,10 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
                 if run.main:
                     note(f"already trained: {ckpt_path} holds all {total} steps of its run; nothing to do")
                 return ckpt_path
+        grid = GRID_PER_CLASS * (config.unet.num_classes or 8)
+        if config.train.sample_every and grid > MAX_SAMPLES:
+            raise ValueError(f"a sample grid of {config.unet.num_classes} classes would draw {grid} images, more "
+                             f"than {MAX_SAMPLES}: set train.sample_every to 0")
         if run.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -601,7 +612,7 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
     return ckpt_path
 
 
-def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = 8,
+def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = GRID_PER_CLASS,
                       steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> Path:
     """A grid with one row per class (or 8 rows unconditionally): the default sampler, steps and guidance."""
     path.parent.mkdir(parents=True, exist_ok=True)

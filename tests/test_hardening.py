@@ -152,6 +152,40 @@ def test_eval_per_class_bound(ckpt_path, tmp_path):
                     "Invalid value for '--per-class'")
 
 
+def test_eval_sample_count_is_checked_before_anything_is_drawn(ckpt_path, tmp_path, monkeypatch):
+    """A checkpoint of 20,000 classes: even --per-class 1 would be 20,000 samples, beyond common.MAX_SAMPLES;
+    refused (one line, nothing written) before the labels are built or a sample is drawn."""
+    import ldmkit.engine.evaluate as E
+
+    def widen(c):
+        c["config"]["unet"]["num_classes"] = 20_000
+        for part in ("unet", "ema"):
+            key = next(k for k, v in c[part].items() if k.startswith("class_emb"))
+            c[part][key] = torch.randn(20_001, c[part][key].shape[1])
+
+    wide = mut.edited_checkpoint(ckpt_path, tmp_path / "wide.pt", widen)
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(E.np, "repeat", lambda *a, **k: pytest.fail("labels built"))
+    out = tmp_path / "e.json"
+    one_line_exit_2(["eval", wide, "--nll-images", 0, "--per-class", 1, "-o", out],
+                    "eval would draw 20000 samples (1 per class for 20000 classes), more than the 10000 one call "
+                    "may: use --per-class 1 or less (or 0)", output=out)
+    one_line_exit_2(["eval", ckpt_path, "--nll-images", 0, "--per-class", 1001, "-o", out], "--per-class", output=out)
+
+
+def test_a_training_grid_beyond_the_sample_bound_is_refused_first(tmp_path):
+    from ldmkit.engine.config import preset
+
+    config = preset("demo").to_dict()
+    config["unet"]["num_classes"], config["train"]["sample_every"] = 2000, 10
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    one_line_exit_2(["train", "--config", path, "--out", tmp_path / "run", "--quiet"],
+                    "a sample grid of 2000 classes would draw 16000 images, more than 10000: set train.sample_every "
+                    "to 0")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock"]
+
+
 # ------------------------------------------------------------------------------ configs (ldmkit train)
 
 
