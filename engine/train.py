@@ -242,15 +242,42 @@ def lock_folder(out: Path) -> Iterator[None]:
 
 def remove_stale_temp_files(out: Path) -> list[Path]:
     """Remove the temporary files (``common.atomic_write``'s ".NAME.XXXXXXXX.tmp") that an interrupted write
-    of the trainer's own files left: the checkpoint and config.json in ``out``, the grids in ``out``/samples.
+    of the trainer's own files left: the checkpoint, config.json and metrics.jsonl (``trim_metrics``) in ``out``,
+    the grids in ``out``/samples.
     Call with the folder locked. Their paths."""
-    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json)\.[0-9a-f]{{8}}\.tmp"),
+    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json|metrics\.jsonl)\.[0-9a-f]{{8}}\.tmp"),
                 out / "samples": re.compile(r"\.step\d+\.png\.[0-9a-f]{8}\.tmp")}
     stale = sorted(p for folder, pattern in patterns.items() if folder.is_dir() for p in folder.iterdir()
                    if pattern.fullmatch(p.name) and p.is_file())
     for p in stale:
         p.unlink()
     return stale
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the lines of metrics.jsonl ``path`` that record steps up to ``step`` (the checkpoint's a run goes on
+    from; 0 for a fresh start), dropping the later ones (a resumed run logs those steps again) and any line that
+    is not a whole record (a kill or a full disk during a write), so a resumed run's metrics.jsonl is an
+    uninterrupted run's. Rewritten atomically when anything is dropped; the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last whole line
+
+    def kept(line: bytes) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step
+
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines) or (not data.endswith(b"\n") and data):
+        with write_errors(path, "; nothing was trained"), atomic_write(path) as f:
+            f.write(b"".join(line + b"\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 def prepare_output(out: Path, resume: bool) -> Path:
@@ -587,6 +614,12 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
                 if run.main:
                     note(f"already trained: {ckpt_path} holds all {total} steps of its run; nothing to do")
                 return ckpt_path
+        if run.main:
+            start = state["step"] if state is not None else 0
+            dropped = trim_metrics(out / "metrics.jsonl", start)
+            if dropped:
+                note(f"dropped {dropped} line(s) of {out / 'metrics.jsonl'} past step {start}, where the run goes on "
+                     f"from (logged before it stopped; logged again now)")
         grid = GRID_PER_CLASS * (config.unet.num_classes or 8)
         if config.train.sample_every and grid > MAX_SAMPLES:
             raise ValueError(f"a sample grid of {config.unet.num_classes} classes would draw {grid} images, more "

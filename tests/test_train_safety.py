@@ -72,7 +72,13 @@ def full(digits, torch_one_thread, tmp_path_factory):  # noqa: F811
             sizes[2] = (out / "checkpoint.pt").stat().st_size
 
     T.train(config_of(digits), out, device="cpu", progress=progress)
-    return {"params": params(out / "checkpoint.pt"), "size_at_2": sizes[2]}
+    return {"params": params(out / "checkpoint.pt"), "size_at_2": sizes[2], "metrics": metrics(out)}
+
+
+def metrics(out: Path) -> list[dict]:
+    """The records of `out`/metrics.jsonl without their timings (which no two runs share)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "elapsed_s")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -202,8 +208,9 @@ def test_a_second_trainer_is_refused_and_kill_9_frees_the_folder(digits, cfg, tm
     finally:
         first.kill()
         first.communicate()
-    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp", "samples/.step0000012.png.01020304.tmp"]
-    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.jsonl.0123abcd.tmp", "samples/.x.png.01020304.tmp"]
+    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp", ".metrics.jsonl.0123abcd.tmp",
+             "samples/.step0000012.png.01020304.tmp"]
+    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.json.0123abcd.tmp", "samples/.x.png.01020304.tmp"]
     (out / "samples").mkdir()
     for name in stale + others:
         (out / name).write_bytes(b"partial")
@@ -212,7 +219,31 @@ def test_a_second_trainer_is_refused_and_kill_9_frees_the_folder(digits, cfg, tm
     T.train(tiny_config(digits, unet_steps=2000), out, device="cpu", resume=True, stop_after=step + 1,
             log=notes.append)
     assert temp_files(out) == sorted(Path(name).name for name in others)
-    assert notes == [f"removed {out / name}, left by an interrupted write" for name in sorted(stale)]
+    assert [n for n in notes if n.startswith("removed")] == [f"removed {out / name}, left by an interrupted write"
+                                                              for name in sorted(stale)]
+
+
+@pytest.mark.parametrize("stop, tail, dropped", [
+    (7, b"", 1),  # killed after step 7: the checkpoint holds step 6, metrics.jsonl step 7 too
+    (7, b'{"stage": "unet", "st', 2),  # ... and a kill -9 or a full disk cut the next line short
+    (7, b'{"stage": "unet", "step": 8, "loss": 0.5}', 2),  # a whole record of step 8, its newline lost
+    (1, b"", 1),  # stopped before its first checkpoint: started afresh
+])
+def test_a_resumed_runs_metrics_are_an_uninterrupted_runs(digits, full, tmp_path, stop, tail, dropped):  # noqa: F811
+    """metrics.jsonl after a stop and a resume (or a fresh start in the same folder) holds exactly the records of
+    an uninterrupted run: the lines logged after the checkpoint's step and a partial last line are dropped at
+    start (with a note), not repeated."""
+    out = tmp_path / "run"
+    T.train(config_of(digits), out, device="cpu", stop_after=stop)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(tail)
+    notes = []
+    resume = (out / "checkpoint.pt").exists()
+    T.train(config_of(digits), out, device="cpu", resume=resume, log=notes.append)
+    assert metrics(out) == full["metrics"]
+    assert notes == [f"dropped {dropped} line(s) of {out / 'metrics.jsonl'} past step {stop - stop % 2}, where the "
+                     f"run goes on from (logged before it stopped; logged again now)"]
+    assert temp_files(out) == []
 
 
 # ----------------------------------------------------------------------------- failed checkpoint writes
