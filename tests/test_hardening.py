@@ -300,6 +300,34 @@ def test_verify_folder(onnx_artifacts, tmp_path):
     one_line_exit_2(["verify", tmp_path / "nothing"], "does not exist")
 
 
+@pytest.mark.parametrize("name, key", [("main/c1", "alpha_bars"), ("main/c4", "sqrt_recip_alpha_bars"),
+                                       ("main/c6", "half_log_snr")])
+def test_sampler_tables_are_checked_against_the_manifest(onnx_artifacts, tmp_path, name, key):
+    """One value of one of sampler.onnx's own schedule tables changed (ᾱ, 1/√ᾱ or λ), every hash recomputed:
+    the Python loop would not see it and sampler.onnx would run it, so the folder is refused at load."""
+    import onnx
+    from onnx import numpy_helper
+
+    art = mut.copy_artifact(onnx_artifacts["cond"], tmp_path / "art")
+    model = onnx.load(art / "sampler.onnx")
+    init = next(t for t in model.graph.initializer if t.name == name)
+    table = numpy_helper.to_array(init).copy()
+    assert table.shape == (51,)  # T + 1: it is a table of the schedule
+    if key == "alpha_bars":
+        from ldmkit.reference.schedules import Schedule
+
+        np.testing.assert_array_equal(table, Schedule.named("linear", 50).alpha_bars)
+    table[25] *= 1.01
+    init.CopyFrom(numpy_helper.from_array(table, name))
+    onnx.save(model, art / "sampler.onnx")
+    mut.rehash(art)
+    message = f"sampler.onnx: its {key} table ({name}) is not the one sampler.json's schedule gives"
+    one_line_exit_2(["verify", art], message)
+    for graph in ([], ["--graph"]):
+        one_line_exit_2(["sample", art, "-n", 2, "--steps", 2, "-o", tmp_path / "g.npy", *graph], message,
+                        output=tmp_path / "g.npy")
+
+
 def test_sampler_graph_with_a_broken_node_is_refused(onnx_artifacts, tmp_path):
     """Weights intact, one operator renamed, hashes recomputed: verify and --graph refuse it in one line."""
     import onnx
