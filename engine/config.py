@@ -25,6 +25,7 @@ MAX_CLASSES = 100_000
 MAX_STEPS = 10**9  # every step count, and a checkpoint's step
 MAX_BATCH = 65_536
 MAX_SEED = 2**63 - 1
+GRID_PER_CLASS = 8  # images of each class in a training sample grid (train.sample_every)
 
 
 def _require(ok: bool, message: str) -> None:

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SAMPLES
 from ldmkit.reference import losses
 from ldmkit.reference.kl import discretized_gaussian_log_likelihood, gaussian_log_likelihood
 from ldmkit.reference.samplers import check_sampling
@@ -92,6 +92,18 @@ def nll_bits_per_dim(config: Config, vae: VAE, unet: UNet, images: torch.Tensor,
             "nll_images": len(bits), **{k: float(v.mean()) for k, v in per_image.items()}}
 
 
+def check_sample_count(config: Config, per_class: int) -> int:
+    """The number of samples ``eval_samples`` draws, ``per_class`` of each class (10·per_class unconditionally),
+    checked against ``common.MAX_SAMPLES`` before anything is allocated; ValueError otherwise."""
+    k = config.unet.num_classes
+    n = (k or 10) * per_class
+    if n > MAX_SAMPLES:
+        raise ValueError(f"eval would draw {n} samples ({per_class} per class for {k or 10} classes), more than the "
+                         f"{MAX_SAMPLES} one call may: use --per-class {max(MAX_SAMPLES // (k or 10), 1)} or less"
+                         + (" (or 0)" if MAX_SAMPLES < k else ""))
+    return n
+
+
 def eval_samples(config: Config, vae: VAE, unet: UNet, per_class: int, sampler: str = DEFAULT_SAMPLER,
                  steps: int = DEFAULT_STEPS, guidance: float | None = DEFAULT_GUIDANCE, seed: int = 0,
                  guidance_rescale: float = 0.0):
@@ -99,8 +111,8 @@ def eval_samples(config: Config, vae: VAE, unet: UNet, per_class: int, sampler: 
     order, for a conditional model (guidance w of A9, None for plain conditional sampling; its rescale φ, R3),
     or 10·per_class unconditional ones; one ``generate`` call from ``seed``."""
     k = config.unet.num_classes
+    n = check_sample_count(config, per_class)
     labels = np.repeat(np.arange(k), per_class) if k else None
-    n = k * per_class if k else 10 * per_class
     samples = generate(config, vae, unet, n, labels, sampler, steps, guidance=guidance if k else None, seed=seed,
                        guidance_rescale=guidance_rescale if k else 0.0)
     return samples, labels
@@ -158,6 +170,7 @@ def evaluate(ckpt: dict, device, nll_images: int = 100, per_class: int = 50, see
         guidance = DEFAULT_GUIDANCE
     if per_class:
         check_sampling(config.diffusion.make_schedule(), sampler, steps, 0.0, guidance, k, guidance_rescale)
+        check_sample_count(config, per_class)
     spec, size = config.data["spec"], config.vae.image_size
     test_x, test_y, _ = load_dataset(spec, "test", size, k)
     train_x, train_y, _ = load_dataset(spec, "train", size, k)

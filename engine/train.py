@@ -43,13 +43,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, atomic_write, one_line
+from ldmkit.common import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    MAX_SAMPLES,
+    atomic_write,
+    write_errors,
+)
 from ldmkit.images import write_images
 from ldmkit.reference.latent import latent_std
 
 from . import diffusion as D
 from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from .config import Config
+from .config import GRID_PER_CLASS, Config
 from .data import load_dataset
 from .device import resolve_device
 from .models import VAE, UNet
@@ -235,15 +242,42 @@ def lock_folder(out: Path) -> Iterator[None]:
 
 def remove_stale_temp_files(out: Path) -> list[Path]:
     """Remove the temporary files (``common.atomic_write``'s ".NAME.XXXXXXXX.tmp") that an interrupted write
-    of the trainer's own files left: the checkpoint and config.json in ``out``, the grids in ``out``/samples.
+    of the trainer's own files left: the checkpoint, config.json and metrics.jsonl (``trim_metrics``) in ``out``,
+    the grids in ``out``/samples.
     Call with the folder locked. Their paths."""
-    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json)\.[0-9a-f]{{8}}\.tmp"),
+    patterns = {out: re.compile(rf"\.({re.escape(CHECKPOINT)}|config\.json|metrics\.jsonl)\.[0-9a-f]{{8}}\.tmp"),
                 out / "samples": re.compile(r"\.step\d+\.png\.[0-9a-f]{8}\.tmp")}
     stale = sorted(p for folder, pattern in patterns.items() if folder.is_dir() for p in folder.iterdir()
                    if pattern.fullmatch(p.name) and p.is_file())
     for p in stale:
         p.unlink()
     return stale
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the lines of metrics.jsonl ``path`` that record steps up to ``step`` (the checkpoint's a run goes on
+    from; 0 for a fresh start), dropping the later ones (a resumed run logs those steps again) and any line that
+    is not a whole record (a kill or a full disk during a write), so a resumed run's metrics.jsonl is an
+    uninterrupted run's. Rewritten atomically when anything is dropped; the number of lines dropped."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline that ends the last whole line
+
+    def kept(line: bytes) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step
+
+    keep = [line for line in lines if kept(line)]
+    if len(keep) < len(lines) or (not data.endswith(b"\n") and data):
+        with write_errors(path, "; nothing was trained"), atomic_write(path) as f:
+            f.write(b"".join(line + b"\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 def prepare_output(out: Path, resume: bool) -> Path:
@@ -257,16 +291,6 @@ def prepare_output(out: Path, resume: bool) -> Path:
     if resume and not ckpt.exists():
         raise FileNotFoundError(f"--resume was given but {ckpt} does not exist")
     return ckpt
-
-
-@contextlib.contextmanager
-def _writing(path: Path, kept: str = "") -> Iterator[None]:
-    """Turn an OSError of writing ``path`` in the block (a full disk, no permission) into one line naming
-    the file, the cause and ``kept`` (what was left as it was)."""
-    try:
-        yield
-    except OSError as exc:
-        raise OSError(f"could not write {path}: {exc.strerror or one_line(exc)}{kept}") from exc
 
 
 #: ``progress(label, done, total, record)``: see :func:`train`.
@@ -389,7 +413,7 @@ class Trainer:
             self.progress(stage.label, self.step - stage.first, stage.steps, record)
         if self.tc.log_every and self.step % self.tc.log_every == 0:
             path = self.out / "metrics.jsonl"
-            with _writing(path, f"; training stopped at step {self.step}; {self.kept()}"), open(path, "a") as f:
+            with write_errors(path, f"; training stopped at step {self.step}; {self.kept()}"), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(self, opt: torch.optim.Optimizer, metrics: dict):
@@ -405,7 +429,7 @@ class Trainer:
             self.ema.n_averaged.fill_(max(self.step - self.tc.vae_steps, 0))
             ckpt = make_checkpoint(self.config, self.vae.state_dict(), self.unet.state_dict(),
                                    self.ema.module.state_dict(), opt.state_dict(), self.step, metrics)
-            with _writing(self.ckpt_path, f"; training stopped at step {self.step}; {self.kept()}"):
+            with write_errors(self.ckpt_path, f"; training stopped at step {self.step}; {self.kept()}"):
                 save_checkpoint(self.ckpt_path, ckpt)
         self.saved_step = self.step
         if self.run.world > 1:
@@ -590,6 +614,16 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
                 if run.main:
                     note(f"already trained: {ckpt_path} holds all {total} steps of its run; nothing to do")
                 return ckpt_path
+        if run.main:
+            start = state["step"] if state is not None else 0
+            dropped = trim_metrics(out / "metrics.jsonl", start)
+            if dropped:
+                note(f"dropped {dropped} line(s) of {out / 'metrics.jsonl'} past step {start}, where the run goes on "
+                     f"from (logged before it stopped; logged again now)")
+        grid = GRID_PER_CLASS * (config.unet.num_classes or 8)
+        if config.train.sample_every and grid > MAX_SAMPLES:
+            raise ValueError(f"a sample grid of {config.unet.num_classes} classes would draw {grid} images, more "
+                             f"than {MAX_SAMPLES}: set train.sample_every to 0")
         if run.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -604,14 +638,14 @@ def train(config: Config, out, device: str = "auto", resume: bool = False, progr
         tr = Trainer(config, out, run, state, progress, stop_after, signals)
         if run.main:
             path = out / "config.json"
-            with _writing(path, "; nothing was trained"), atomic_write(path, binary=False) as f:
+            with write_errors(path, "; nothing was trained"), atomic_write(path, binary=False) as f:
                 f.write(json.dumps(config.to_dict(), indent=2) + "\n")
         if train_vae(tr, images) and train_unet(tr, images, labels) and run.world > 1:
             dist.barrier()  # no rank returns before the last checkpoint is written
     return ckpt_path
 
 
-def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = 8,
+def write_sample_grid(config: Config, vae: VAE, unet: UNet, path: Path, per_class: int = GRID_PER_CLASS,
                       steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, seed: int = 0) -> Path:
     """A grid with one row per class (or 8 rows unconditionally): the default sampler, steps and guidance."""
     path.parent.mkdir(parents=True, exist_ok=True)

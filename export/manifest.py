@@ -116,6 +116,20 @@ class Model:
         return Schedule.named(self.schedule, self.T, zero_terminal_snr=self.zero_terminal_snr)
 
 
+SAMPLER_TABLES = ("alpha_bars", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars", "sqrt_recip_alpha_bars",
+                  "sqrt_recipm1_alpha_bars", "half_log_snr")
+"""The schedule tables sampler.onnx gathers its step coefficients from, in the order ``build_sampler`` makes
+them (its first constants: initializers "main/c1" … "main/c6"); half_log_snr is λ_t = ½·log SNR."""
+
+
+def sampler_tables(schedule: Schedule, precision: str) -> dict[str, np.ndarray]:
+    """{initializer name: table} of ``SAMPLER_TABLES`` for ``schedule`` in the loop's ``precision`` ("float64" or
+    "float32"): what ``build_sampler`` embeds and what the runtime compares sampler.onnx's own tables with."""
+    real = np.float64 if precision == "float64" else np.float32
+    values = [getattr(schedule, k) for k in SAMPLER_TABLES[:-1]] + [0.5 * schedule.log_snr]
+    return {f"main/c{i + 1}": np.asarray(v, dtype=real) for i, v in enumerate(values)}
+
+
 @dataclass(frozen=True)
 class File:
     """One graph of the artifact: its file name, sha256, and the inputs/outputs its session must have."""

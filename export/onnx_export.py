@@ -33,7 +33,16 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SPACING, __version__, from_dict, one_line
+from ldmkit.common import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SPACING,
+    __version__,
+    from_dict,
+    one_line,
+    write_errors,
+)
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.data import center_crop
 from ldmkit.engine.sample import generate, models_from_checkpoint
@@ -334,11 +343,13 @@ def export_onnx(checkpoint_path, out_dir=None, opset: int = DEFAULT_OPSET, steps
         "checkpoint": {"file": checkpoint_path.name, "step": ckpt["step"]},
     }
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
+    with write_errors(out):
+        tmp.mkdir()
     try:
-        for role, data in blobs.items():
-            (tmp / M.FILES[role]).write_bytes(data)
-        (tmp / M.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        with write_errors(out):  # a full disk names the folder asked for, not the temporary one
+            for role, data in blobs.items():
+                (tmp / M.FILES[role]).write_bytes(data)
+            (tmp / M.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         rt.OnnxSampler(tmp, provider="cpu")  # the artifact loads and checks as a host will see it
         _replace(tmp, out)
     except BaseException:

@@ -148,6 +148,41 @@ def model_contents(data: bytes) -> tuple[dict[str, str], list[tuple]]:
     return weights, nodes
 
 
+_T_DIMS, _T_TYPE, _T_RAW = 1, 2, 9  # TensorProto.dims, .data_type, .raw_data
+_ONNX_DTYPES = {1: np.float32, 7: np.int64, 11: np.float64}  # TensorProto.DataType: FLOAT, INT64, DOUBLE
+
+
+def initializer_arrays(data: bytes, names) -> dict[str, np.ndarray | None]:
+    """The initializers ``names`` of the ONNX model ``data``'s main graph as arrays (as ``numpy_helper.from_array``
+    writes them: dims, data type, raw little-endian bytes); None for one stored any other way; a name that is
+    not there is left out."""
+    graph = next(value for field, wire, value in _fields(memoryview(data)) if field == _MODEL_GRAPH and wire == 2)
+    found: dict[str, np.ndarray | None] = {}
+    for field, wire, value in _fields(graph):
+        if field != _GRAPH_INIT or wire != 2:
+            continue
+        parts: dict[int, list] = {}
+        for f, w, v in _fields(value):
+            parts.setdefault(f, []).append((w, v))
+        name = bytes(parts.get(_T_NAME, [(2, b"")])[0][1]).decode("utf-8", "replace")
+        if name not in names:
+            continue
+        dtype, raw = parts.get(_T_TYPE, [(0, 0)]), parts.get(_T_RAW, [])
+        shape = []
+        for w, v in parts.get(_T_DIMS, []):  # one varint each, or packed
+            i = 0
+            while w == 2 and i < len(v):
+                d, i = _varint(v, i)
+                shape.append(d)
+            shape += [v] if w == 0 else []
+        found[name] = None
+        if len(dtype) == 1 and dtype[0][1] in _ONNX_DTYPES and len(raw) == 1 and raw[0][0] == 2:
+            kind = np.dtype(_ONNX_DTYPES[dtype[0][1]]).newbyteorder("<")
+            if int(np.prod(shape)) * kind.itemsize == len(raw[0][1]):
+                found[name] = np.frombuffer(bytes(raw[0][1]), kind).reshape(shape)
+    return found
+
+
 def _unprefixed(node: tuple, prefix: str) -> tuple:
     """A node of ``model_contents`` with ``prefix`` taken off its name, inputs and outputs (``onnx.compose``'s
     ``add_prefix_graph`` leaves an empty name empty)."""
@@ -249,7 +284,9 @@ class OnnxSampler:
 
     def _check_embedded_weights(self) -> None:
         """sampler.onnx must parse and hold exactly the weights and nodes of unet.onnx and vae_decoder.onnx
-        (their names prefixed "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here."""
+        (their names prefixed "unet/" and "vae_decoder/"), so an edit to either reaches every path or fails here,
+        and its own schedule tables must be those of sampler.json's model (``manifest.sampler_tables``), so its
+        step coefficients are the Python loop's."""
         contents = {}
         for role, blob in self._blobs.items():
             try:
@@ -269,6 +306,15 @@ class OnnxSampler:
                 raise ValueError(f"{self.path / M.FILES['sampler']} does not carry the weights and nodes of "
                                  f"{M.FILES[role]} (first difference: {diff[0]!r:.80}): the files come from "
                                  "different exports or one was edited")
+        want = M.sampler_tables(self.schedule, self.model.graph_precision)
+        got = initializer_arrays(self._blobs["sampler"], set(want))
+        for (name, table), key in zip(want.items(), M.SAMPLER_TABLES, strict=True):
+            have = got.get(name)
+            if have is None or have.dtype != table.dtype or have.shape != table.shape \
+                    or have.tobytes() != table.tobytes():
+                raise ValueError(f"{self.path / M.FILES['sampler']}: its {key} table ({name}) is not the one "
+                                 f"{MANIFEST}'s schedule gives ({self.model.schedule}, T = {self.model.T}): the "
+                                 "file was edited or comes from another export")
 
     def graph_session(self) -> ort.InferenceSession:
         """sampler.onnx's session, made on first use (``sample`` never needs it; ``ldmkit verify`` makes it)."""

@@ -36,7 +36,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from ldmkit.reference.schedules import Schedule
 
-from .manifest import GRAPH_SAMPLERS
+from .manifest import GRAPH_SAMPLERS, SAMPLER_TABLES, sampler_tables
 
 F32, F64, I64, BOOL = TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.BOOL
 PRECISIONS = ("float64", "float32")
@@ -49,9 +49,9 @@ class _Graph:
         self.prefix, self.nodes, self.inits, self.count = prefix, [], [], 0
         self.real, self.REAL = real, (F64 if real == np.float64 else F32)
 
-    def const(self, value, dtype) -> str:
+    def const(self, value, dtype, name: str | None = None) -> str:
         self.count += 1
-        name = f"{self.prefix}c{self.count}"
+        name = name or f"{self.prefix}c{self.count}"
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
@@ -135,10 +135,9 @@ def build_sampler(unet: onnx.ModelProto, decoder: onnx.ModelProto, schedule: Sch
     conditional = null_class is not None
     latent = [d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim][1:]
     main, body = _Graph("main/", real), _Graph("body/", real)
-    tab = {k: main.const(getattr(schedule, k), real) for k in (
-        "alpha_bars", "sqrt_alpha_bars", "sqrt_one_minus_alpha_bars", "sqrt_recip_alpha_bars",
-        "sqrt_recipm1_alpha_bars")}
-    tab["half_log_snr"] = main.const(0.5 * schedule.log_snr, real)  # λ_t; +inf at t = 0 (never used there)
+    # the tables (λ_t = half_log_snr is +inf at t = 0, never used there), named as the runtime checks them
+    tab = {key: main.const(table, real, name) for key, (name, table) in
+           zip(SAMPLER_TABLES, sampler_tables(schedule, precision).items(), strict=True)}
     T = schedule.T
 
     # the trailing step list t_i = round(T + i·(−T/N)) and its successors [t_1, …, t_{N−1}, 0]

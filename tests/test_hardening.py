@@ -6,7 +6,9 @@ The mutations live in ``tests/mutations.py`` (shared with the fuzz suite, tests/
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -150,6 +152,40 @@ def test_eval_per_class_bound(ckpt_path, tmp_path):
                     "Invalid value for '--per-class'")
 
 
+def test_eval_sample_count_is_checked_before_anything_is_drawn(ckpt_path, tmp_path, monkeypatch):
+    """A checkpoint of 20,000 classes: even --per-class 1 would be 20,000 samples, beyond common.MAX_SAMPLES;
+    refused (one line, nothing written) before the labels are built or a sample is drawn."""
+    import ldmkit.engine.evaluate as E
+
+    def widen(c):
+        c["config"]["unet"]["num_classes"] = 20_000
+        for part in ("unet", "ema"):
+            key = next(k for k, v in c[part].items() if k.startswith("class_emb"))
+            c[part][key] = torch.randn(20_001, c[part][key].shape[1])
+
+    wide = mut.edited_checkpoint(ckpt_path, tmp_path / "wide.pt", widen)
+    monkeypatch.setattr(E, "generate", lambda *a, **k: pytest.fail("sampling started"))
+    monkeypatch.setattr(E.np, "repeat", lambda *a, **k: pytest.fail("labels built"))
+    out = tmp_path / "e.json"
+    one_line_exit_2(["eval", wide, "--nll-images", 0, "--per-class", 1, "-o", out],
+                    "eval would draw 20000 samples (1 per class for 20000 classes), more than the 10000 one call "
+                    "may: use --per-class 1 or less (or 0)", output=out)
+    one_line_exit_2(["eval", ckpt_path, "--nll-images", 0, "--per-class", 1001, "-o", out], "--per-class", output=out)
+
+
+def test_a_training_grid_beyond_the_sample_bound_is_refused_first(tmp_path):
+    from ldmkit.engine.config import preset
+
+    config = preset("demo").to_dict()
+    config["unet"]["num_classes"], config["train"]["sample_every"] = 2000, 10
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    one_line_exit_2(["train", "--config", path, "--out", tmp_path / "run", "--quiet"],
+                    "a sample grid of 2000 classes would draw 16000 images, more than 10000: set train.sample_every "
+                    "to 0")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock"]
+
+
 # ------------------------------------------------------------------------------ configs (ldmkit train)
 
 
@@ -264,6 +300,34 @@ def test_verify_folder(onnx_artifacts, tmp_path):
     one_line_exit_2(["verify", tmp_path / "nothing"], "does not exist")
 
 
+@pytest.mark.parametrize("name, key", [("main/c1", "alpha_bars"), ("main/c4", "sqrt_recip_alpha_bars"),
+                                       ("main/c6", "half_log_snr")])
+def test_sampler_tables_are_checked_against_the_manifest(onnx_artifacts, tmp_path, name, key):
+    """One value of one of sampler.onnx's own schedule tables changed (ᾱ, 1/√ᾱ or λ), every hash recomputed:
+    the Python loop would not see it and sampler.onnx would run it, so the folder is refused at load."""
+    import onnx
+    from onnx import numpy_helper
+
+    art = mut.copy_artifact(onnx_artifacts["cond"], tmp_path / "art")
+    model = onnx.load(art / "sampler.onnx")
+    init = next(t for t in model.graph.initializer if t.name == name)
+    table = numpy_helper.to_array(init).copy()
+    assert table.shape == (51,)  # T + 1: it is a table of the schedule
+    if key == "alpha_bars":
+        from ldmkit.reference.schedules import Schedule
+
+        np.testing.assert_array_equal(table, Schedule.named("linear", 50).alpha_bars)
+    table[25] *= 1.01
+    init.CopyFrom(numpy_helper.from_array(table, name))
+    onnx.save(model, art / "sampler.onnx")
+    mut.rehash(art)
+    message = f"sampler.onnx: its {key} table ({name}) is not the one sampler.json's schedule gives"
+    one_line_exit_2(["verify", art], message)
+    for graph in ([], ["--graph"]):
+        one_line_exit_2(["sample", art, "-n", 2, "--steps", 2, "-o", tmp_path / "g.npy", *graph], message,
+                        output=tmp_path / "g.npy")
+
+
 def test_sampler_graph_with_a_broken_node_is_refused(onnx_artifacts, tmp_path):
     """Weights intact, one operator renamed, hashes recomputed: verify and --graph refuse it in one line."""
     import onnx
@@ -330,3 +394,36 @@ def test_cli_holds_back_warnings(monkeypatch):
     assert result.exit_code == 2 and result.output == "Error: bad input\n"
     result = CliRunner().invoke(cmd, [])
     assert result.exit_code == 0 and result.output == "done\nnote: something to know\n"
+
+
+# ---------------------------------------------------------------------------------- failed writes (13.1)
+
+
+def stderr_one_line_exit_2(args, expected: str) -> None:
+    """As ``one_line_exit_2``, for commands that print results on stdout before they write: stderr alone."""
+    result = CliRunner().invoke(main, [str(a) for a in args])  # click >= 8.2 keeps stderr apart
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"Error: {expected}"], result.stderr
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_writers_name_the_path_on_a_failed_write(ckpt_path, tmp_path, code):
+    """eval.json, an image grid and a golden file whose write fails as a full disk or a refused write does:
+    one line naming the file and the cause, exit 2, no file or temporary file left."""
+    for args, path in ((["eval", ckpt_path, "--nll-images", 0, "--per-class", 0, "-o", tmp_path / "e.json"],
+                        tmp_path / "e.json"),
+                       (["sample", ckpt_path, "-n", 2, "--steps", 2, "-o", tmp_path / "g.png"], tmp_path / "g.png"),
+                       (["golden", "regen", "--dir", tmp_path / "golden"], tmp_path / "golden" / "schedules.npz")):
+        with mut.failing_writes(1, code):
+            stderr_one_line_exit_2(args, f"could not write {path}: {os.strerror(code)}")
+        assert [p.name for p in tmp_path.rglob("*")] == ["golden"] * (args[0] == "golden")
+
+
+def test_export_names_its_folder_on_a_full_disk(ckpt_path, tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    out = tmp_path / "onnx"
+    stderr_one_line_exit_2(["export", "onnx", ckpt_path, "-o", out], f"could not write {out}: No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -253,7 +253,9 @@ TAMPERING = {
                                    "'node "),
     "unet weight edited, rehashed": (lambda art, o: (_edit_weight(art / "unet.onnx"), _rehash(art)),
                                      "sampler.onnx does not carry the weights and nodes of unet.onnx"),
-    "other export's files": (lambda art, o: _cross(art, o), "unet.onnx: its inputs"),
+    "other export's files": (lambda art, o: _cross(art, o),  # (its cosine T = 40 tables, under linear T = 50)
+                             "sampler.onnx: its alpha_bars table (main/c1) is not the one sampler.json's schedule "
+                             "gives (linear, T = 50)"),
     "file missing": (lambda art, o: (art / "vae_decoder.onnx").unlink(), "vae_decoder.onnx is missing"),
     "manifest missing": (lambda art, o: (art / "sampler.json").unlink(), "is a folder without sampler.json"),
 }

@@ -23,6 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import mutations as mut  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from test_train import assert_same, digits, params, tiny_config  # noqa: E402, F401 (digits: a fixture)
 
@@ -30,7 +31,6 @@ from ldmkit.cli import PREEMPTED_EXIT, main  # noqa: E402
 from ldmkit.engine import checkpoint as C  # noqa: E402
 from ldmkit.engine import train as T  # noqa: E402
 from ldmkit.engine.checkpoint import load_checkpoint  # noqa: E402
-from ldmkit.engine.config import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -72,7 +72,13 @@ def full(digits, torch_one_thread, tmp_path_factory):  # noqa: F811
             sizes[2] = (out / "checkpoint.pt").stat().st_size
 
     T.train(config_of(digits), out, device="cpu", progress=progress)
-    return {"params": params(out / "checkpoint.pt"), "size_at_2": sizes[2]}
+    return {"params": params(out / "checkpoint.pt"), "size_at_2": sizes[2], "metrics": metrics(out)}
+
+
+def metrics(out: Path) -> list[dict]:
+    """The records of `out`/metrics.jsonl without their timings (which no two runs share)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "elapsed_s")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture
@@ -202,8 +208,9 @@ def test_a_second_trainer_is_refused_and_kill_9_frees_the_folder(digits, cfg, tm
     finally:
         first.kill()
         first.communicate()
-    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp", "samples/.step0000012.png.01020304.tmp"]
-    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.jsonl.0123abcd.tmp", "samples/.x.png.01020304.tmp"]
+    stale = [".checkpoint.pt.0123abcd.tmp", ".config.json.89abcdef.tmp", ".metrics.jsonl.0123abcd.tmp",
+             "samples/.step0000012.png.01020304.tmp"]
+    others = [".checkpoint.pt.notmine.tmp", "notes.tmp", ".metrics.json.0123abcd.tmp", "samples/.x.png.01020304.tmp"]
     (out / "samples").mkdir()
     for name in stale + others:
         (out / name).write_bytes(b"partial")
@@ -212,7 +219,31 @@ def test_a_second_trainer_is_refused_and_kill_9_frees_the_folder(digits, cfg, tm
     T.train(tiny_config(digits, unet_steps=2000), out, device="cpu", resume=True, stop_after=step + 1,
             log=notes.append)
     assert temp_files(out) == sorted(Path(name).name for name in others)
-    assert notes == [f"removed {out / name}, left by an interrupted write" for name in sorted(stale)]
+    assert [n for n in notes if n.startswith("removed")] == [f"removed {out / name}, left by an interrupted write"
+                                                              for name in sorted(stale)]
+
+
+@pytest.mark.parametrize("stop, tail, dropped", [
+    (7, b"", 1),  # killed after step 7: the checkpoint holds step 6, metrics.jsonl step 7 too
+    (7, b'{"stage": "unet", "st', 2),  # ... and a kill -9 or a full disk cut the next line short
+    (7, b'{"stage": "unet", "step": 8, "loss": 0.5}', 2),  # a whole record of step 8, its newline lost
+    (1, b"", 1),  # stopped before its first checkpoint: started afresh
+])
+def test_a_resumed_runs_metrics_are_an_uninterrupted_runs(digits, full, tmp_path, stop, tail, dropped):  # noqa: F811
+    """metrics.jsonl after a stop and a resume (or a fresh start in the same folder) holds exactly the records of
+    an uninterrupted run: the lines logged after the checkpoint's step and a partial last line are dropped at
+    start (with a note), not repeated."""
+    out = tmp_path / "run"
+    T.train(config_of(digits), out, device="cpu", stop_after=stop)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(tail)
+    notes = []
+    resume = (out / "checkpoint.pt").exists()
+    T.train(config_of(digits), out, device="cpu", resume=resume, log=notes.append)
+    assert metrics(out) == full["metrics"]
+    assert notes == [f"dropped {dropped} line(s) of {out / 'metrics.jsonl'} past step {stop - stop % 2}, where the "
+                     f"run goes on from (logged before it stopped; logged again now)"]
+    assert temp_files(out) == []
 
 
 # ----------------------------------------------------------------------------- failed checkpoint writes
@@ -340,48 +371,6 @@ def unet_stage_checkpoint(digits, torch_one_thread, tmp_path_factory):  # noqa: 
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-def write_checkpoint(ckpt: dict, path: Path) -> None:
-    """Write `ckpt` with the engine's own writer (as a consistent, tampered-with file would be, whatever
-    integrity data the writer adds), from its parts."""
-    C.save_checkpoint(path, C.make_checkpoint(Config.from_dict(ckpt["config"]), ckpt["vae"], ckpt["unet"],
-                                              ckpt["ema"], ckpt["optimizer"], ckpt["step"], ckpt["metrics"]))
-
-
-def _tamper(ckpt, kind):
-    ckpt = {**ckpt, "optimizer": {**ckpt["optimizer"], "state": dict(ckpt["optimizer"]["state"]),
-                                  "param_groups": [dict(g) for g in ckpt["optimizer"]["param_groups"]]}}
-    opt, group, first = ckpt["optimizer"], ckpt["optimizer"]["param_groups"][0], ckpt["optimizer"]["state"][0]
-    if kind == "empty":
-        ckpt["optimizer"] = {}
-    elif kind == "shape":
-        opt["state"][0] = {**first, "exp_avg": torch.zeros(3, 3)}
-    elif kind == "dtype":
-        opt["state"][0] = {**first, "exp_avg": first["exp_avg"].double()}
-    elif kind == "sparse":
-        opt["state"][0] = {**first, "exp_avg_sq": first["exp_avg_sq"].to_sparse()}
-    elif kind == "nan":
-        opt["state"][0] = {**first, "exp_avg": torch.full_like(first["exp_avg"], float("nan"))}
-    elif kind == "negative":
-        opt["state"][0] = {**first, "exp_avg_sq": -torch.ones_like(first["exp_avg_sq"])}
-    elif kind == "step":
-        opt["state"][0] = {**first, "step": torch.tensor(1e6)}
-    elif kind == "key":
-        opt["state"][10 ** 6] = first
-    elif kind == "groups":
-        opt["param_groups"].append(dict(group))
-    elif kind == "params":
-        group["params"] = group["params"][:-1]
-    elif kind == "betas":
-        group["betas"] = (0.5, 0.5)
-    elif kind == "weight_decay":
-        group["weight_decay"] = torch.tensor([1.0, 2.0])
-    elif kind == "lr":
-        group["lr"] = float("inf")
-    elif kind == "ckpt_step":
-        ckpt["step"] = 10 ** 9  # the most a checkpoint may hold (more is refused at load, whatever the run)
-    return ckpt
-
-
 @pytest.mark.parametrize("kind, message", [
     ("empty", "optimizer must be a torch optimizer state dict (keys 'state' and 'param_groups'), got keys []"),
     ("shape", "optimizer state[0]['exp_avg'] must be a dense CPU torch.float32 tensor of shape"),
@@ -403,7 +392,7 @@ def test_resume_refuses_tampered_optimizer_state(unet_stage_checkpoint, tmp_path
     """Each tampering: exit 2, one line naming the checkpoint and the problem, nothing written."""
     out = tmp_path / "run"
     out.mkdir()
-    write_checkpoint(_tamper(unet_stage_checkpoint, kind), out / "checkpoint.pt")
+    mut.write_checkpoint(mut.tamper_optimizer(unet_stage_checkpoint, kind), out / "checkpoint.pt")
     before = (out / "checkpoint.pt").read_bytes()
     code, stdout, stderr = cli(["train", "--out", out, "--resume", "--device", "cpu", "--quiet"])
     assert code == 2, (stdout, stderr)
@@ -416,7 +405,7 @@ def test_resume_refuses_tampered_optimizer_state(unet_stage_checkpoint, tmp_path
 def test_resume_of_a_finished_run_does_nothing(unet_stage_checkpoint, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    write_checkpoint({**unet_stage_checkpoint, "step": TOTAL}, out / "checkpoint.pt")
+    mut.write_checkpoint({**unet_stage_checkpoint, "step": TOTAL}, out / "checkpoint.pt")
     code, stdout, stderr = cli(["train", "--out", out, "--resume", "--device", "cpu", "--quiet"])
     assert code == 0 and stderr == "", stderr
     assert stdout.splitlines()[0] == (f"already trained: {out / 'checkpoint.pt'} holds all {TOTAL} steps of its run; "

@@ -35,6 +35,7 @@ __all__ = [
     "SPACING",
     "LdmkitNote",
     "NonFiniteOutput",
+    "WriteFailed",
     "__version__",
     "atomic_write",
     "check_finite_floats",
@@ -47,6 +48,7 @@ __all__ = [
     "read_json",
     "sampling_stages",
     "to_plain",
+    "write_errors",
 ]
 
 DEFAULT_SAMPLER = "dpmpp2m"
@@ -172,30 +174,56 @@ def one_line(exc: BaseException | str, limit: int | None = None, first: bool = F
     return text if limit is None else text[:limit]
 
 
+class WriteFailed(OSError):
+    """Writing ``path`` failed (a full disk, a quota, no permission, a read-only file system): its message is
+    "could not write PATH: CAUSE" and what was left as it was, if the writer says (``then``)."""
+
+    def __init__(self, path, cause: str, then: str = ""):
+        super().__init__(f"could not write {path}: {cause}{then}")
+        self.path, self.cause = Path(path), cause
+
+
+@contextlib.contextmanager
+def write_errors(path, then: str = "") -> Iterator[None]:
+    """Turn an OSError raised in the block into a :class:`WriteFailed` naming ``path`` and the cause (the
+    OS's words: "No space left on device"), followed by ``then``; one raised by an inner ``write_errors``
+    keeps its path and cause and gets this ``then``."""
+    try:
+        yield
+    except WriteFailed as exc:
+        if not then:
+            raise
+        raise WriteFailed(exc.path, exc.cause, then) from exc
+    except OSError as exc:
+        raise WriteFailed(path, exc.strerror or one_line(exc), then) from exc
+
+
 @contextlib.contextmanager
 def atomic_write(path, binary: bool = True) -> Iterator[IO]:
     """Write ``path`` all or nothing: yields a new temporary file in the same folder (usual permissions,
     0666 less the umask); when the block ends it is flushed, fsynced and renamed over ``path``, and the
     rename itself is made durable. On any failure (the block raising, a full disk, a kill) the temporary
-    file is removed and an existing ``path`` keeps its old content."""
+    file is removed and an existing ``path`` keeps its old content; an OSError (the block's writes
+    included) is a :class:`WriteFailed` naming ``path``: "could not write PATH: No space left on device"."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb" if binary else "x") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: fsync the folder so the rename survives a power cut
-        fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
+    with write_errors(path):
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(tmp, "xb" if binary else "x") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: fsync the folder so the rename survives a power cut
+            fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------
