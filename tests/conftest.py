@@ -14,6 +14,7 @@ import os
 import shutil
 
 import pytest
+from mutations import write_random_checkpoint  # standard library only at import
 
 
 def _cuda_available() -> bool:
@@ -83,11 +84,8 @@ def tiny_checkpoints(tmp_path_factory):
     ``data.content_size`` (a checkpoint from before ldmkit recorded it), so its samples are 32×32."""
     for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
-    import torch
 
-    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
     from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
-    from ldmkit.engine.models import VAE, UNet
 
     vae = VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4)
     configs = {
@@ -100,17 +98,8 @@ def tiny_checkpoints(tmp_path_factory):
                          unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2),
                                          attention_levels=(0, 1), num_heads=2, num_classes=0, groups=4)),
     }
-    paths = {}
-    for i, (name, config) in enumerate(configs.items()):
-        torch.manual_seed(i)
-        nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
-        with torch.no_grad():
-            for p in (p for net in nets for p in net.parameters() if not p.any()):
-                p.normal_(0.0, 0.1)
-        paths[name] = tmp_path_factory.mktemp(name) / "checkpoint.pt"
-        vae_state, unet_state = (net.state_dict() for net in nets)
-        save_checkpoint(paths[name], make_checkpoint(config, vae_state, unet_state, unet_state))
-    return paths
+    return {name: write_random_checkpoint(tmp_path_factory.mktemp(name) / "checkpoint.pt", config, seed)
+            for seed, (name, config) in enumerate(configs.items())}
 
 
 @pytest.fixture(scope="session")
@@ -130,11 +119,8 @@ def zero_snr_artifact(tmp_path_factory):
     ``tiny_checkpoints`` makes its own, with v-prediction on the zero-terminal-SNR linear schedule (R2), T = 50."""
     for name in ("torch", "onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(name)
-    import torch
 
-    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
     from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
-    from ldmkit.engine.models import VAE, UNet
     from ldmkit.export.onnx_export import export_onnx
 
     config = Config(vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4),
@@ -142,13 +128,6 @@ def zero_snr_artifact(tmp_path_factory):
                     latent_shape=(2, 8, 8), latent_scale=1.3,
                     unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
                                     num_heads=2, num_classes=10, groups=4))
-    torch.manual_seed(2)
-    nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
-    with torch.no_grad():
-        for p in (p for net in nets for p in net.parameters() if not p.any()):
-            p.normal_(0.0, 0.1)
-    path = tmp_path_factory.mktemp("zero_snr") / "checkpoint.pt"
-    vae_state, unet_state = (net.state_dict() for net in nets)
-    save_checkpoint(path, make_checkpoint(config, vae_state, unet_state, unet_state))
+    path = write_random_checkpoint(tmp_path_factory.mktemp("zero_snr") / "checkpoint.pt", config, 2)
     with one_torch_thread():
         return path, export_onnx(path, steps=6, log=lambda line: None)

@@ -221,25 +221,15 @@ def kinds(records: list[dict]) -> dict:
 
 def make_targets(folder: Path) -> tuple[Path, Path]:
     """A tiny class-conditional checkpoint (10 classes, T = 50) and its ONNX export, in ``folder``."""
-    import torch
 
-    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
     from ldmkit.engine.config import Config, DiffusionConfig, UNetConfig, VAEConfig
-    from ldmkit.engine.models import VAE, UNet
     from ldmkit.export.onnx_export import export_onnx
 
     config = Config(vae=VAEConfig(base_channels=8, channel_mult=(1, 2, 2), latent_channels=2, groups=4),
                     diffusion=DiffusionConfig(T=50), latent_shape=(2, 8, 8), latent_scale=1.3,
                     unet=UNetConfig(in_channels=2, base_channels=16, channel_mult=(1, 2), attention_levels=(1,),
                                     num_heads=2, num_classes=10, groups=4))
-    torch.manual_seed(0)
-    nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
-    with torch.no_grad():
-        for p in (p for net in nets for p in net.parameters() if not p.any()):
-            p.normal_(0.0, 0.1)
-    ckpt = folder / "checkpoint.pt"
-    vae, unet = (net.state_dict() for net in nets)
-    save_checkpoint(ckpt, make_checkpoint(config, vae, unet, unet))
+    ckpt = mut.write_random_checkpoint(folder / "checkpoint.pt", config, 0)
     return ckpt, export_onnx(ckpt, steps=8, log=lambda line: None)
 
 

@@ -27,6 +27,25 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+
+def write_random_checkpoint(path: Path, config, seed: int) -> Path:
+    """A checkpoint at ``path`` (the engine's writer, EMA = U-Net) of freshly initialised networks for ``config``,
+    drawn from ``seed``, whose zero-initialised layers are redrawn from N(0, 0.1²) so every output is O(1). The
+    tiny models of the tests and the fuzz suite."""
+    import torch
+
+    from ldmkit.engine.checkpoint import make_checkpoint, save_checkpoint
+    from ldmkit.engine.models import VAE, UNet
+
+    torch.manual_seed(seed)
+    nets = [VAE.from_config(config.vae), UNet.from_config(config.unet)]
+    with torch.no_grad():
+        for p in (p for net in nets for p in net.parameters() if not p.any()):
+            p.normal_(0.0, 0.1)
+    vae, unet = (net.state_dict() for net in nets)
+    save_checkpoint(path, make_checkpoint(config, vae, unet, unet))
+    return path
+
 DIGEST_KEY = "sha256"
 
 
