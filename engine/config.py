@@ -279,7 +279,8 @@ DIFFUSION_BEFORE_REFINEMENTS = {"zero_terminal_snr": False, "min_snr_gamma": Non
 def _demo() -> Config:
     """Built-in digits on a 2-core CPU in about 5½ minutes: VAE 330 steps (~45 s, 3 epochs of the 7,000
     training digits) → 4×8×8 latents; U-Net 1,000 steps of 128 (~280 s, 0.28 s/step); the default sampler
-    (DPM-Solver++(2M), 10 steps, CFG 2) for 80 digits ~4 s with start-up. Measured on an idle 2-core CPU with torch.set_num_threads(2)."""
+    (DPM-Solver++(2M), 10 steps, CFG 2) for 80 digits ~4 s with start-up. Measured on an idle 2-core CPU with
+    torch.set_num_threads(2)."""
     return Config(
         vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, groups=8,
                       likelihood="gaussian", recon_logvar=-4.0),
