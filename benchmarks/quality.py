@@ -49,9 +49,11 @@ def floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
-def sample_set(config, vae, unet, labels, sampler: str, steps: int, guidance: float, seed: int, batch: int):
+def sample_set(config, vae, unet, labels, sampler: str, steps: int, guidance: float, seed: int, batch: int,
+               guidance_rescale: float = 0.0):
     """Samples (n, C, H, W) in [0, 1] for ``labels``, from the noise of ``sample_noise(config, n, steps, seed)``
-    (x_T drawn first, so it is the same for every sampler and step count), in batches of ``batch``."""
+    (x_T drawn first, so it is the same for every sampler and step count), in batches of ``batch``; guidance w
+    and its rescale φ (R3)."""
     n = len(labels)
     x_T, loop = sample_noise(config, n, steps, seed)
     out = []
@@ -59,7 +61,8 @@ def sample_set(config, vae, unet, labels, sampler: str, steps: int, guidance: fl
         for i in range(0, n, batch):
             part = slice(i, min(i + batch, n))
             out.append(generate(config, vae, unet, part.stop - part.start, labels[part], sampler, steps,
-                                guidance=guidance, noise=(x_T[part], loop[:, part])))
+                                guidance=guidance, noise=(x_T[part], loop[:, part]),
+                                guidance_rescale=guidance_rescale))
     return np.concatenate(out)
 
 

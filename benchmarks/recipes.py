@@ -6,10 +6,12 @@ distance (Q2) in its features as a ratio to the real-vs-real floor, lower is bet
 (DPM-Solver++(2M), 10 steps) at each classifier-free guidance w.
 
     python benchmarks/recipes.py [--recipes demo,min_snr5,v,zero_snr_v,all] [--guidance 1,2,3,4] [--samples 500]
-                                 [--out runs/recipes] [--vae-steps N] [--unet-steps N] [--seed 0] [--json out.json]
+                                 [--guidance-rescale 0,0.7] [--out runs/recipes] [--vae-steps N] [--unet-steps N]
+                                 [--seed 0] [--json out.json] [--eval-only]
 
 Each recipe trains both stages (VAE, then U-Net) into OUT/<recipe>/ and reports its wall-clock training time;
-``--vae-steps``/``--unet-steps`` override the demo's budget (a few steps prove the script runs). Every recipe
+``--vae-steps``/``--unet-steps`` override the demo's budget (a few steps prove the script runs). ``--eval-only``
+judges the checkpoints already in OUT/<recipe>/ (its training time is the one their metrics.jsonl records). Every recipe
 samples the same classes (samples/10 of each) from the same x_T (the engine's noise for ``--seed``), and one
 classifier (trained once, on the training split) judges them all.
 """
@@ -43,8 +45,8 @@ RECIPES = {  # the demo preset's diffusion section, changed by these fields
     "zero_snr_v": {"prediction": "v", "zero_terminal_snr": True},
     "all": {"prediction": "v", "zero_terminal_snr": True, "min_snr_gamma": 5.0},
 }
-HEADER = ("| recipe | diffusion | training s | guidance | accuracy | FD | FD ratio |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| recipe | diffusion | U-Net steps | training s | guidance | rescale φ | accuracy | FD | FD ratio |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def recipe_config(name: str, args) -> C.Config:
@@ -70,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of {list(RECIPES)}")
     parser.add_argument("--guidance", type=floats, default=[1.0, 2.0, 3.0, 4.0])
+    parser.add_argument("--guidance-rescale", type=floats, default=[0.0], help="φ of R3 for each guidance > 1")
+    parser.add_argument("--eval-only", action="store_true", help="judge the checkpoints in OUT, train nothing")
     parser.add_argument("--samples", type=int, default=500, help="samples per recipe and guidance (x10 classes)")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("runs/recipes"))
@@ -101,21 +105,28 @@ def main() -> None:
     labels = np.repeat(np.arange(k), args.samples // k)
     rows = []
     for name, config in configs.items():
-        t0 = time.perf_counter()
-        train(config, args.out / name, device="cpu")
-        seconds = time.perf_counter() - t0
+        if args.eval_only:
+            lines = (args.out / name / "metrics.jsonl").read_text().splitlines()
+            seconds = json.loads(lines[-1])["elapsed_s"]
+        else:
+            t0 = time.perf_counter()
+            train(config, args.out / name, device="cpu")
+            seconds = time.perf_counter() - t0
         config, vae, unet = models_from_checkpoint(load_checkpoint(args.out / name / "checkpoint.pt"), "cpu")
         if not rows:
             print(HEADER, flush=True)
         for guidance in args.guidance:
-            samples = sample_set(config, vae, unet, labels, DEFAULT_SAMPLER, DEFAULT_STEPS, guidance, args.seed,
-                                 args.batch)
-            m = quality.measure(reference, samples, labels)
-            rows.append({"recipe": name, "diffusion": to_plain(config.diffusion), "train_seconds": seconds,
-                         "guidance": guidance, "accuracy": m["quality_accuracy"], "fd": m["quality_fd"],
-                         "fd_ratio": m["quality_fd_ratio"]})
-            print(f"| {name} | {describe(config)} | {seconds:.0f} | {guidance:g} | {m['quality_accuracy']:.3f} "
-                  f"| {m['quality_fd']:.2f} | {m['quality_fd_ratio']:.2f} |", flush=True)
+            for phi in args.guidance_rescale if guidance > 1 else [0.0]:
+                samples = sample_set(config, vae, unet, labels, DEFAULT_SAMPLER, DEFAULT_STEPS, guidance, args.seed,
+                                     args.batch, phi)
+                m = quality.measure(reference, samples, labels)
+                rows.append({"recipe": name, "diffusion": to_plain(config.diffusion),
+                             "unet_steps": config.train.unet_steps, "train_seconds": seconds, "guidance": guidance,
+                             "guidance_rescale": phi, "accuracy": m["quality_accuracy"], "fd": m["quality_fd"],
+                             "fd_ratio": m["quality_fd_ratio"]})
+                print(f"| {name} | {describe(config)} | {config.train.unet_steps} | {seconds:.0f} | {guidance:g} "
+                      f"| {phi:g} | {m['quality_accuracy']:.3f} | {m['quality_fd']:.2f} "
+                      f"| {m['quality_fd_ratio']:.2f} |", flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "fd_floor": floor, "samples": args.samples,
                                          "seed": args.seed}, indent=1) + "\n")

@@ -2,11 +2,12 @@
 and float32 loop, and an int8 U-Net: ``export onnx --quantize int8``) on the same checkpoint, batch and noise, for
 DDIM-50 and the default sampler (DPM-Solver++(2M), 10 steps: the same quality, benchmarks/quality.py), both with
 the default guidance; the wall-clock gain of the default over DDIM-50 on every path; and the U-Net call alone
-(torch eager, float32 and int8 ONNX, each ONNX one at each of ``--ort-threads``) against this machine's
-measured fp32 matmul rate, wall clock and CPU time per call.
+(torch eager; float32 and int8 ONNX on one thread, on ONNX Runtime's intra-op threads, and as the runtime runs
+it: row slices on the cores, see ``OnnxSampler``) against this machine's measured fp32 matmul rate, wall clock
+and CPU time per call.
 
     python benchmarks/sampling.py [--checkpoint runs/demo/checkpoint.pt] [--batch 4,64] [--runs ddim:50,dpmpp2m:10]
-                                  [--calls 1,2,4,8,16,32,64,128] [--ort-threads 1,2] [--guidance W] [--threads N]
+                                  [--calls 1,2,4,8,16,32,64,128] [--guidance W] [--threads N]
                                   [--quality N]
 
 The checkpoint is exported afresh into a temporary folder, so the figures are those of this code's export.
@@ -14,8 +15,8 @@ U-Net FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolu
 and activations are not counted); the int8 U-Net's rate is in float32-equivalent FLOPs (the same count over its
 time). Timings are the best of ``--repeats`` runs after a warm-up, with the median beside it: the spread and the
 load average printed at the start and the end show how busy the machine was. "cpu ms" is the process's CPU
-time per call (``time.process_time``, every thread; ONNX Runtime's idle workers spin-wait by default, so it
-counts their spinning too): on a shared machine it is steadier than the wall clock.
+time per call (``time.process_time``, every thread): on a shared machine it is steadier than the wall clock.
+The intra-op rows run with spin-waiting off, so their idle workers do not take the cores from the next row.
 
 "ceiling" is the most any path could gain over torch: torch's time over the time the run's U-Net FLOPs
 (steps × one call on 2n rows) take at the measured matmul rate, with everything else free.
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,7 +47,7 @@ from ldmkit.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldmkit.engine.checkpoint import load_checkpoint
 from ldmkit.engine.sample import generate, models_from_checkpoint, sample_noise
 from ldmkit.export.onnx_export import export_onnx
-from ldmkit.export.runtime import OnnxSampler
+from ldmkit.export.runtime import OnnxSampler, session_options
 
 
 def timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -112,12 +114,11 @@ def main(argv=None) -> int:
                         help="sampler:steps pairs, comma-separated; the first is the baseline of the gain table "
                              f"(default ddim:50,{DEFAULT_SAMPLER}:{DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: theirs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's threads and the runtime's cores (default: torch's own, available_cores())")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calls", type=lambda v: [int(b) for b in v.split(",")], default=[1, 2, 4, 8, 16, 32, 64, 128],
                         help="U-Net call batch sizes (rows), comma-separated")
-    parser.add_argument("--ort-threads", type=lambda v: [int(b) for b in v.split(",")], default=[1, 2],
-                        help="ONNX Runtime intra-op thread counts of the U-Net call table, comma-separated")
     parser.add_argument("--quality", type=int, default=0,
                         help="N samples through float32 and int8 judged by the held-out measure (0: skip)")
     args = parser.parse_args(argv)
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
     guidance = w if k else None
     rows = 2 if guidance is not None and guidance != 1.0 else 1  # U-Net rows per image
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}; torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
-          f"threads {args.threads or 'default'}")
+          f"{os.getloadavg()[0]:.2f}; torch {torch.__version__} ({torch.get_num_threads()} threads), the ONNX "
+          f"runtime on {runners['float32'].threads} cores")
     print(f"model: {args.checkpoint} (latent {tuple(config.latent_shape)}, T = {config.diffusion.T}); guidance {w}, "
           f"best/median of {args.repeats} runs")
 
@@ -181,10 +182,19 @@ def main(argv=None) -> int:
                               for n in batches)
             print(f"  {name:34s} {sampler}-{steps}: {gains}")
 
-    print(f"\n{'U-Net call':38s} {'GFLOP':>7s} {'ms best':>8s} {'median':>8s} {'cpu ms':>8s} {'GFLOP/s':>8s} "
+    print(f"\n{'U-Net call':46s} {'GFLOP':>7s} {'ms best':>8s} {'median':>8s} {'cpu ms':>8s} {'GFLOP/s':>8s} "
           f"{'of matmul':>9s} {'vs f32 ORT':>10s} {'(cpu)':>6s} {'vs torch':>8s} {'(cpu)':>6s}")
-    sessions = {(name, n): OnnxSampler(art / name, provider="cpu", threads=n).unet_fn
-                for name in ("float32", "int8") for n in args.ort_threads}
+    cores = runners["float32"].threads
+    intra = {}  # one session, ONNX Runtime's intra-op threads on every core (spin-waiting off, see the docstring)
+    for name in ("float32", "int8"):
+        opts = session_options(cores)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        intra[name] = ort.InferenceSession(str(art / name / "unet.onnx"), opts, providers=["CPUExecutionProvider"])
+    single = {name: OnnxSampler(art / name, provider="cpu", threads=1) for name in ("float32", "int8")}
+    settings = {"1 thread": lambda name, f: single[name].unet_fn(*f),
+                f"intra-op {cores}": lambda name, f: intra[name].run(None, {
+                    key: v for key, v in zip(("x_t", "t", "y"), f, strict=True) if v is not None}),
+                f"{cores} slices": lambda name, f: runners[name].unet_fn(*f)}
     for b in args.calls:
         x, t, y = call_inputs(b)
         flops = unet_flops(unet, x, t, y)
@@ -192,21 +202,21 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             results = [(f"torch eager ({torch.get_num_threads()} thr)", timed_cpu(lambda x=x, t=t, y=y: unet(x, t, y),
                                                                                     reps))]
-        for n in args.ort_threads:
+        feeds = (x.numpy(), t.numpy(), None if y is None else y.numpy())
+        for setting, run in settings.items():
             for name in ("float32", "int8"):
-                fn = sessions[name, n]
-                results.append((f"onnxruntime {name} ({n} thr)", timed_cpu(
-                    lambda fn=fn, x=x, t=t, y=y: fn(x.numpy(), t.numpy(), None if y is None else y.numpy()), reps)))
+                results.append((f"onnxruntime {name} ({setting})",
+                                timed_cpu(lambda run=run, name=name, feeds=feeds: run(name, feeds), reps)))
         torch_med, torch_cpu = results[0][1][1], results[0][1][2]
         f32 = {}
         for name, (best, med, cpu, _) in results:
             rate = flops / best / 1e9
-            threads = name.split("(")[1]
+            setting = name.split("(")[1]
             if "float32" in name:
-                f32[threads] = (med, cpu)
-            ref = f32.get(threads) if "int8" in name else None
+                f32[setting] = (med, cpu)
+            ref = f32.get(setting) if "int8" in name else None
             vs_f32 = f"{ref[0] / med:9.2f}x {ref[1] / cpu:5.2f}x" if ref else f"{'':10s} {'':6s}"
-            print(f"{name + f', batch {b}':38s} {flops / 1e9:7.2f} {best * 1e3:8.1f} {med * 1e3:8.1f} {cpu * 1e3:8.1f} "
+            print(f"{name + f', batch {b}':46s} {flops / 1e9:7.2f} {best * 1e3:8.1f} {med * 1e3:8.1f} {cpu * 1e3:8.1f} "
                   f"{rate:8.1f} {rate / peak:8.0%} {vs_f32} {torch_med / med:7.2f}x {torch_cpu / cpu:5.2f}x")
     if args.quality:
         from ldmkit.engine.data import center_crop, load_dataset

@@ -36,7 +36,11 @@ held NaN or inf: nothing is returned).
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import struct
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -215,18 +219,25 @@ def _providers(provider: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None, spinning: bool = True) -> ort.SessionOptions:
-    """All graph optimizations, warnings off; ``threads`` intra-op threads (None: ONNX Runtime's default, one
-    per physical core); ``spinning``: idle worker threads spin-wait for the next operator (ONNX Runtime's
-    default; 10–20% faster at small batches here) rather than sleep — pass False where the host needs the
-    cores for its own work between calls."""
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """All graph optimizations, warnings off, ``threads`` intra-op threads (``OnnxSampler`` runs one: it
+    spreads a batch over the cores by rows instead, see ``OnnxSampler``)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, not as extra stderr lines
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
+    opts.intra_op_num_threads = int(threads)
     return opts
+
+
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def row_slices(n: int, parts: int) -> list[slice]:
+    """``n`` rows cut into ``min(parts, n)`` contiguous slices whose sizes differ by at most one."""
+    bounds = np.linspace(0, n, min(parts, n) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
 def describe_io(args) -> list[dict]:
@@ -255,9 +266,16 @@ class OnnxSampler:
     """An exported artifact, loaded and checked (see the module docstring). ``provider``: 'auto' (CUDA where
     it loads, else CPU), 'cpu' or 'cuda' (ValueError rather than a silent CPU fallback); ``.provider`` is
     what runs; ``.precision`` is the U-Net's ("float32", or "int8" from ``export onnx --quantize int8``).
-    ``threads``, ``spinning``: ONNX Runtime's thread pool (see ``session_options``)."""
 
-    def __init__(self, path, provider: str = "auto", threads: int | None = None, spinning: bool = True):
+    ``threads``: the CPU cores a call may use (None: ``available_cores()``). On the CPU every graph runs on one
+    intra-op thread and a call of B rows runs as min(threads, B) row slices at once, one thread each (sessions
+    are thread-safe and release the GIL): the models are small, and ONNX Runtime's intra-op threads cost more
+    in per-operator hand-offs than they gain (BENCHMARKS.md, "The int8 U-Net call"). Every image is computed
+    on its own, so the slices give the images of one run."""
+
+    def __init__(self, path, provider: str = "auto", threads: int | None = None):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.path = Path(path)
         self.manifest = M.read_manifest(self.path)
         self.model = self.manifest.model
@@ -268,7 +286,7 @@ class OnnxSampler:
         self._digest = M.model_digest(self.model)
         self._blobs = {role: _read_checked(self.path, self.manifest.files[role]) for role in M.FILES}
         self._providers = _providers(provider)
-        self._options = session_options(threads, spinning)
+        self._options = session_options(1)
         self._check_embedded_weights()
         self.unet = self._session("unet")
         self.decoder = self._session("vae_decoder")
@@ -280,6 +298,10 @@ class OnnxSampler:
                 raise ValueError("provider 'cuda' was asked, but onnxruntime could not load its CUDA provider "
                                  f"(the session runs on {used}); refusing to fall back to CPU")
         self.provider = "cuda" if used[0] == "CUDAExecutionProvider" else "cpu"
+        self.threads = 1 if self.provider == "cuda" else threads or available_cores()
+        self._pool = ThreadPoolExecutor(self.threads, "ldmkit-ort") if self.threads > 1 else None
+        if self._pool is not None:
+            weakref.finalize(self, self._pool.shutdown, wait=False)
         self._unet_out = self.unet.get_outputs()[0].name
 
     def _check_embedded_weights(self) -> None:
@@ -335,8 +357,19 @@ class OnnxSampler:
             raise ValueError(f"{self.path / MANIFEST}: model.image_shape {list(self.model.image_shape)} is not the "
                              f"shape {M.FILES['vae_decoder']} gives ({got})")
 
-    def _run(self, session: ort.InferenceSession, role: str, outputs, feeds: dict) -> list:
-        """``session.run`` with ONNX Runtime's own failures as ``RunError``."""
+    def _run(self, session: ort.InferenceSession, role: str, outputs, feeds: dict, batched=()) -> list:
+        """``session.run`` with ONNX Runtime's own failures as ``RunError``; the rows of the ``batched`` inputs
+        run as up to ``self.threads`` slices at once (see the class) and each output's slices are joined."""
+        parts = row_slices(len(feeds[batched[0]]), self.threads) if batched and self._pool is not None else []
+        if len(parts) <= 1:
+            return self._run_once(session, role, outputs, feeds)
+        futures = [self._pool.submit(self._run_once, session, role, outputs,
+                                     {k: v[rows] if k in batched else v for k, v in feeds.items()})
+                   for rows in parts]
+        results = [f.result() for f in futures]
+        return [np.concatenate(pieces) for pieces in zip(*results, strict=True)]
+
+    def _run_once(self, session: ort.InferenceSession, role: str, outputs, feeds: dict) -> list:
         try:
             return session.run(outputs, feeds, _RUN_OPTIONS)
         except (ValueError, TypeError, RuntimeError) as exc:  # onnxruntime's types derive from RuntimeError
@@ -403,7 +436,7 @@ class OnnxSampler:
         if self.provider == "cuda":
             out = self._unet_cuda(feeds)
         else:
-            out = self._run(self.unet, "unet", [self._unet_out], feeds)[0]
+            out = self._run(self.unet, "unet", [self._unet_out], feeds, tuple(feeds))[0]
         if not np.isfinite(out).all():
             raise NonFiniteOutput(f"sampling produced NaN or inf in the sampler: {M.FILES['unet']}'s output at "
                                   f"t = {int(np.ravel(feeds['t'])[0])} (its weights, or the guidance); no images "
@@ -424,7 +457,8 @@ class OnnxSampler:
 
     def decode(self, z) -> np.ndarray:
         """vae_decoder.onnx: z_0 (B, C, H, W) → images (B, c, H', W') float32 in [0, 1]."""
-        return self._run(self.decoder, "vae_decoder", None, {"z": np.ascontiguousarray(z, dtype=np.float32)})[0]
+        return self._run(self.decoder, "vae_decoder", None, {"z": np.ascontiguousarray(z, dtype=np.float32)},
+                         ("z",))[0]
 
     # ------------------------------------------------------------------------------------- sampling
 
@@ -467,6 +501,6 @@ class OnnxSampler:
             feeds["y"] = y
             feeds["guidance"] = np.array(1.0 if guidance is None else guidance, dtype=np.float32)
             feeds["guidance_rescale"] = np.array(guidance_rescale, dtype=np.float32)
-        images = self._run(graph, "sampler", None, feeds)[0]
+        images = self._run(graph, "sampler", None, feeds, ("noise", "y") if y is not None else ("noise",))[0]
         check_stages([f"{M.FILES['sampler']} ({sampler}, guidance {guidance})"], [bool(np.isfinite(images).all())])
         return images

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,55 @@ def test_seeds_and_explicit_noise(onnx_artifacts):
     x_T, loop = s.noise(3, 4, seed=2)
     b = s.sample(3, labels=4, sampler="ddim", steps=4, eta=1.0, noise=(x_T, loop))
     assert np.abs(b - s.sample(3, labels=4, sampler="ddim", steps=4, eta=1.0, noise=(x_T, loop + 1))).max() > 1e-3
+
+
+def test_row_slices_cover_the_rows_in_order_with_sizes_one_apart():
+    for n in range(1, 40):
+        for parts in range(1, 9):
+            slices = rt.row_slices(n, parts)
+            sizes = [s.stop - s.start for s in slices]
+            assert len(slices) == min(n, parts) and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+            assert np.array_equal(np.concatenate([np.arange(n)[s] for s in slices]), np.arange(n))
+
+
+@pytest.mark.parametrize("name", ["cond", "uncond"])
+def test_calls_run_as_row_slices_on_the_threads_and_give_the_same_images(onnx_artifacts, name, monkeypatch):
+    """A call of B rows runs as min(threads, B) slices, on the pool's threads, and the images do not depend
+    on how the rows were cut: one thread against three, through the U-Net loop, the decoder and sampler.onnx."""
+    one = rt.OnnxSampler(onnx_artifacts[name], provider="cpu", threads=1)
+    three = rt.OnnxSampler(onnx_artifacts[name], provider="cpu", threads=3)
+    assert (one.threads, three.threads) == (1, 3)
+    labels = None if name == "uncond" else 7
+    guidance = None if name == "uncond" else 2.0
+    x_T, loop = one.noise(7, 4, seed=3)
+    calls = []
+    run_once = rt.OnnxSampler._run_once
+
+    def spy(self, session, role, outputs, feeds):
+        calls.append((role, len(next(iter(feeds.values()))), threading.current_thread().name))
+        return run_once(self, session, role, outputs, feeds)
+
+    monkeypatch.setattr(rt.OnnxSampler, "_run_once", spy)
+    for method in ("ddpm", "dpmpp2m"):
+        noise = (x_T, loop if method == "ddpm" else None)
+        a = one.sample(7, labels, method, 4, 0.0, guidance, noise=noise)
+        b = three.sample(7, labels, method, 4, 0.0, guidance, noise=noise)
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    a = one.sample_graph(7, labels, 4, guidance, noise=(x_T, None))
+    calls.clear()
+    b = three.sample_graph(7, labels, 4, guidance, noise=(x_T, None))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert sorted(rows for _, rows, _ in calls) == [2, 2, 3]
+    assert all(thread.startswith("ldmkit-ort") for *_, thread in calls)
+    calls.clear()
+    three.decode(np.zeros((2, *three.latent_shape), np.float32))
+    assert [rows for _, rows, _ in calls] == [1, 1]
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_counts_are_refused(onnx_artifacts, threads):
+    with pytest.raises(ValueError, match="threads must be a positive integer or None"):
+        rt.OnnxSampler(onnx_artifacts["cond"], provider="cpu", threads=threads)
 
 
 def test_labels_default_to_all_classes_in_turn(onnx_artifacts):
