@@ -1,11 +1,12 @@
-"""Training recipes at the demo's budget (issue 10, part 3): the demo preset as it is, and with each refinement
-of docs/formulas.md section R — Min-SNR-γ loss weights (R1, γ = 5), v-prediction (R5), zero terminal SNR (R2,
-with v-prediction, which it needs) and all of them together — each trained from scratch with the demo's steps,
+"""Training recipes at the demo's budget (issue 10, part 3): the demo preset's networks and budget with the
+recipe it replaced (ε-prediction, uniform weights: ``eps``) and each refinement of docs/formulas.md section R —
+Min-SNR-γ loss weights (R1, γ = 5), v-prediction (R5: ``v``, the preset), zero terminal SNR (R2, with
+v-prediction, which it needs) and all of them together — each trained from scratch with the demo's steps,
 then judged by ``ldmkit.engine.quality`` against the held-out test split (the classifier's accuracy; the Fréchet
 distance (Q2) in its features as a ratio to the real-vs-real floor, lower is better) with the default sampler
 (DPM-Solver++(2M), 10 steps) at each classifier-free guidance w.
 
-    python benchmarks/recipes.py [--recipes demo,min_snr5,v,zero_snr_v,all] [--guidance 1,2,3,4] [--samples 500]
+    python benchmarks/recipes.py [--recipes eps,min_snr5,v,zero_snr_v,all] [--guidance 1,2,3,4] [--samples 500]
                                  [--guidance-rescale 0,0.7] [--out runs/recipes] [--vae-steps N] [--unet-steps N]
                                  [--seed 0] [--json out.json] [--eval-only]
 
@@ -39,9 +40,9 @@ from ldmkit.engine.sample import models_from_checkpoint
 from ldmkit.engine.train import train
 
 RECIPES = {  # the demo preset's diffusion section, changed by these fields
-    "demo": {},
-    "min_snr5": {"min_snr_gamma": 5.0},
-    "v": {"prediction": "v"},
+    "eps": {"prediction": "eps"},  # the demo's recipe before issue 10 (with 1,000 U-Net steps)
+    "min_snr5": {"prediction": "eps", "min_snr_gamma": 5.0},
+    "v": {"prediction": "v"},  # the demo preset
     "zero_snr_v": {"prediction": "v", "zero_terminal_snr": True},
     "all": {"prediction": "v", "zero_terminal_snr": True, "min_snr_gamma": 5.0},
 }

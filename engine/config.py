@@ -277,17 +277,18 @@ DIFFUSION_BEFORE_REFINEMENTS = {"zero_terminal_snr": False, "min_snr_gamma": Non
 
 
 def _demo() -> Config:
-    """Built-in digits on a 2-core CPU in about 5½ minutes: VAE 330 steps (~45 s, 3 epochs of the 7,000
-    training digits) → 4×8×8 latents; U-Net 1,000 steps of 128 (~280 s, 0.28 s/step); the default sampler
-    (DPM-Solver++(2M), 10 steps, CFG 2) for 80 digits ~4 s with start-up. Measured on an idle 2-core CPU with
-    torch.set_num_threads(2)."""
+    """Built-in digits on a 2-core CPU in about 8 minutes: VAE 330 steps (~45 s, 3 epochs of the 7,000
+    training digits) → 4×8×8 latents; U-Net 1,500 steps of 128 predicting v (R5; ~420 s, 0.28 s/step); the
+    default sampler (DPM-Solver++(2M), 10 steps, CFG 1.2) for 80 digits ~4 s with start-up. Measured on an idle
+    2-core CPU with torch.set_num_threads(2). BENCHMARKS.md, "Training recipes", compares it with the recipe it
+    replaced (ε-prediction, 1,000 U-Net steps: ``examples/configs/demo-eps.json``) and the other refinements."""
     return Config(
         vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, groups=8,
                       likelihood="gaussian", recon_logvar=-4.0),
         unet=UNetConfig(base_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=4,
                         num_classes=10, dropout=0.0, groups=8),
-        diffusion=DiffusionConfig(schedule="linear", T=1000, prediction="eps"),
-        train=TrainConfig(seed=0, vae_steps=330, vae_batch_size=64, vae_lr=2e-3, kl_weight=1e-2, unet_steps=1000,
+        diffusion=DiffusionConfig(schedule="linear", T=1000, prediction="v"),
+        train=TrainConfig(seed=0, vae_steps=330, vae_batch_size=64, vae_lr=2e-3, kl_weight=1e-2, unet_steps=1500,
                           batch_size=128, lr=2e-3, warmup_steps=100, grad_clip=1.0, ema_decay=0.995,
                           cond_drop_prob=0.1, weight_decay=0.0, sample_every=0, checkpoint_every=500, log_every=50,
                           precision="fp32", compile=False))

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from ldmkit.cli import main  # noqa: E402
+from ldmkit.common import DEFAULT_GUIDANCE  # noqa: E402
 from ldmkit.engine import train as T  # noqa: E402
 from ldmkit.engine.checkpoint import load_checkpoint  # noqa: E402
 from ldmkit.engine.config import Config, DiffusionConfig, TrainConfig, UNetConfig, VAEConfig  # noqa: E402
@@ -207,9 +208,9 @@ def test_cli_eval_writes_json(tiny_checkpoint, tmp_path):
     assert report["nll_bits_per_dim"] == pytest.approx(parts / (1024 * np.log(2)), rel=1e-9)
     assert report["recon_psnr_db"] == pytest.approx(10 * np.log10(1 / report["recon_mse"]))
     assert 0 <= report["nearest_mean_accuracy_samples"] <= 1 and report["nearest_mean_accuracy_test"] > 0.5
-    assert report["sampler"] == "dpmpp2m 10 steps, guidance 2.0" and report["samples"] == 20
+    assert report["sampler"] == f"dpmpp2m 10 steps, guidance {DEFAULT_GUIDANCE}" and report["samples"] == 20
     assert (report["quality_sampler"], report["quality_steps"], report["quality_guidance"],
-            report["quality_guidance_rescale"]) == ("dpmpp2m", 10, 2.0, 0.5)
+            report["quality_guidance_rescale"]) == ("dpmpp2m", 10, DEFAULT_GUIDANCE, 0.5)
     assert 0 <= report["quality_accuracy"] <= 1 and report["quality_samples"] == 20
     assert report["quality_fd"] >= 0 and report["quality_fd_floor"] > 0
     assert report["quality_fd_ratio"] == pytest.approx(report["quality_fd"] / report["quality_fd_floor"])
@@ -359,3 +360,23 @@ def test_content_size_is_checked(digits, tiny_checkpoint, tmp_path):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "bad checkpoint config: Config.data.content_size must be [height, width], ints in 1..32" in result.output
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_old_demo_recipe_stays_reachable_by_config(digits, tmp_path):
+    """examples/configs/demo-eps.json is the demo recipe before the refinements (ε-prediction, 1,000 U-Net steps:
+    BENCHMARKS.md, "Training recipes") and differs from the demo preset in nothing else; `train --config` runs it
+    (here for one step of each stage on the test's digits)."""
+    from ldmkit.common import read_json
+    from ldmkit.engine.config import preset
+
+    path = ROOT / "examples" / "configs" / "demo-eps.json"
+    old, demo = Config.from_dict(read_json(path, "config")), preset("demo")
+    assert (old.diffusion.prediction, old.train.unet_steps, old.data) == ("eps", 1000, {"spec": "mnist"})
+    assert (demo.diffusion.prediction, demo.train.unet_steps) == ("v", 1500)
+    old.diffusion.prediction, old.train.unet_steps, old.data = "v", 1500, demo.data
+    assert old.to_dict() == demo.to_dict()
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--config", str(path), "--data", str(digits), "--vae-steps", "1",
+                                       "--unet-steps", "1", "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["diffusion"]["prediction"] == "eps"
