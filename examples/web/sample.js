@@ -2,7 +2,7 @@
 // sampler.onnx (DDIM or DPM-Solver++(2M), classifier-free guidance and the VAE decoder in one graph).
 //
 // The page's fields can also come from the address: ?model=model/&classes=0-9&per=2&sampler=dpmpp2m&steps=10
-// &guidance=2&seed=0&backend=wasm&run=1 (run=1 samples at once). &noise=URL.npy takes x_T from a float32
+// &guidance=1.15&seed=0&backend=wasm&run=1 (run=1 samples at once). &noise=URL.npy takes x_T from a float32
 // (N, C, H, W) .npy instead of drawing it from the seed (the seeded draw is this page's own, not NumPy's).
 // The result is left in window.ldmkit = {state: "done" | "error", error, images, dims, labels, seconds}.
 
