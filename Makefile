@@ -56,7 +56,7 @@ golden: $(STAMP)
 
 # The main job: train the demo preset on the built-in digits (VAE, then the class-conditional latent
 # U-Net), then sample a grid with 8 images of every class with the default sampler (DPM-Solver++(2M),
-# 10 steps, guidance 2). Starts afresh in runs/demo each time.
+# 10 steps, guidance 1.15). Starts afresh in runs/demo each time.
 demo: $(STAMP)
 	rm -rf runs/demo
 	@start=$$(date +%s); \
