@@ -277,7 +277,7 @@ DIFFUSION_BEFORE_REFINEMENTS = {"zero_terminal_snr": False, "min_snr_gamma": Non
 
 
 def _demo() -> Config:
-    """Built-in digits on a 2-core CPU in about 8 minutes: VAE 330 steps (~45 s, 3 epochs of the 7,000
+    """Built-in digits on a 2-core CPU in about 8 minutes (482 s measured): VAE 330 steps (~45 s, 3 epochs of the 7,000
     training digits) → 4×8×8 latents; U-Net 1,500 steps of 128 predicting v (R5; ~420 s, 0.28 s/step); the
     default sampler (DPM-Solver++(2M), 10 steps, CFG 1.15) for 80 digits ~4 s with start-up. Measured on an idle
     2-core CPU with torch.set_num_threads(2). BENCHMARKS.md, "Training recipes", compares it with the recipe it
