@@ -457,11 +457,12 @@ def write_checkpoint(ckpt: dict, path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def failing_writes(fail_at: int, code: int = errno.ENOSPC) -> Iterator[list]:
+def failing_writes(fail_at: int, code: int = errno.ENOSPC, counted=None) -> Iterator[list]:
     """While the block runs, the ``fail_at``-th file written through ``common.atomic_write`` (1-based, counted
-    over every ldmkit module that writes with it: checkpoints, config.json, eval.json, images, golden files)
-    fails on its first write as a full disk (ENOSPC), a quota (EDQUOT), a refused write (EACCES) or a
-    read-only file system (EROFS) does: the real writer's clean-up runs. Yields the paths written so far."""
+    over every ldmkit module that writes with it: checkpoints, config.json, eval.json, images, golden files;
+    only the paths ``counted(Path)`` is true of, where given) fails on its first write as a full disk (ENOSPC),
+    a quota (EDQUOT), a refused write (EACCES) or a read-only file system (EROFS) does: the real writer's
+    clean-up runs. Yields the counted paths written so far."""
     import importlib
     import sys
 
@@ -478,9 +479,12 @@ def failing_writes(fail_at: int, code: int = errno.ENOSPC) -> Iterator[list]:
 
     @contextlib.contextmanager
     def atomic_write(path, binary=True):
-        calls.append(path)
+        fail = False
+        if counted is None or counted(Path(path)):
+            calls.append(path)
+            fail = len(calls) == fail_at
         with real(path, binary) as f:
-            yield Failing() if len(calls) == fail_at else f
+            yield Failing() if fail else f
 
     users = [m for name, m in list(sys.modules.items()) if name.startswith("ldmkit") and m is not common
              and getattr(m, "atomic_write", None) is real]

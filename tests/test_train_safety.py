@@ -28,7 +28,6 @@ from click.testing import CliRunner  # noqa: E402
 from test_train import assert_same, digits, params, tiny_config  # noqa: E402, F401 (digits: a fixture)
 
 from ldmkit.cli import PREEMPTED_EXIT, main  # noqa: E402
-from ldmkit.engine import checkpoint as C  # noqa: E402
 from ldmkit.engine import train as T  # noqa: E402
 from ldmkit.engine.checkpoint import load_checkpoint  # noqa: E402
 
@@ -249,27 +248,6 @@ def test_a_resumed_runs_metrics_are_an_uninterrupted_runs(digits, full, tmp_path
 # ----------------------------------------------------------------------------- failed checkpoint writes
 
 
-def failing_writes(monkeypatch, fail_at: int, code: int):
-    """Make the `fail_at`-th checkpoint write (1-based) fail inside common.atomic_write, as a full disk
-    (ENOSPC) or a refused write (EACCES) does: the real writer's clean-up runs."""
-    real, calls = C.atomic_write, []
-
-    class Failing:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(code, os.strerror(code))
-
-    @contextlib.contextmanager
-    def atomic_write(path, binary=True):
-        calls.append(path)
-        with real(path, binary) as f:
-            yield Failing(f) if len(calls) == fail_at else f
-
-    monkeypatch.setattr(C, "atomic_write", atomic_write)
-
-
 @pytest.mark.parametrize("when, fail_at, stop, kept, code", [
     ("periodic", 2, 4, 2, errno.ENOSPC),  # the checkpoint of step 4 fails; step 2's stays
     ("final", TOTAL // 2, TOTAL, TOTAL - 2, errno.EACCES),
@@ -278,7 +256,6 @@ def failing_writes(monkeypatch, fail_at: int, code: int):
 def test_a_failed_checkpoint_write_is_one_line_and_resume_works(digits, full, cfg, tmp_path, monkeypatch,  # noqa: F811
                                                                when, fail_at, stop, kept, code):
     out = tmp_path / "run"
-    failing_writes(monkeypatch, fail_at, code)
     if when == "signal":
         log = T.Trainer.log
 
@@ -288,13 +265,14 @@ def test_a_failed_checkpoint_write_is_one_line_and_resume_works(digits, full, cf
                 os.kill(os.getpid(), signal.SIGTERM)
 
         monkeypatch.setattr(T.Trainer, "log", log_then_signal)
-    exit_code, _, stderr = cli(train_args(cfg, out))
+    with mut.failing_writes(fail_at, code, counted=lambda path: path.name == "checkpoint.pt"):  # the fail_at-th save
+        exit_code, _, stderr = cli(train_args(cfg, out))
     ckpt = out / "checkpoint.pt"
     assert exit_code == 2, stderr
     assert stderr.splitlines() == [f"Error: could not write {ckpt}: {os.strerror(code)}; training stopped at step "
                                    f"{stop}; the last good checkpoint ({ckpt}, step {kept}) is untouched"]
     assert load_checkpoint(ckpt)["step"] == kept and temp_files(out) == []
-    monkeypatch.undo()  # the disk has room again
+    monkeypatch.undo()  # no more signals; the disk has room again since the block ended
     exit_code, _, stderr = cli(train_args(cfg, out, "--resume"))
     assert exit_code == 0, stderr
     assert_same(params(ckpt), full["params"])
